@@ -1,0 +1,9 @@
+"""raylib: the model package shared by the Ray Data, Ray Train and Ray Serve planes.
+
+The core (model, scoring, losses, metrics, filters, mining) imports no Ray.
+"""
+
+from raylib.model import Encoder, EncoderSettings, resolve_model_path, truncate_dims
+
+__all__ = ["Encoder", "EncoderSettings", "resolve_model_path", "truncate_dims"]
+__version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""BEIR-format data sets: corpus.jsonl (_id, title, text), queries.jsonl (_id, text), qrels/<split>.tsv."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class BeirData:
+    corpus: dict[str, dict[str, str]]   # doc id -> {"title", "text"}
+    queries: dict[str, str]             # query id -> text (only queries that have qrels)
+    qrels: dict[str, dict[str, int]]    # query id -> {doc id: grade}
+
+    def doc_ids(self) -> list[str]:
+        return list(self.corpus)
+
+    def doc_texts(self) -> list[str]:
+        """title + " " + text, as MTEB and BEIR evaluate (title dropped when empty)."""
+        return [document_text(d) for d in self.corpus.values()]
+
+
+def document_text(doc: dict[str, str]) -> str:
+    title = (doc.get("title") or "").strip()
+    return f"{title} {doc.get('text') or ''}".strip() if title else (doc.get("text") or "").strip()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """TSV with header query-id, corpus-id, score."""
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader)
+        if [h.strip() for h in header[:2]] != ["query-id", "corpus-id"]:
+            raise ValueError(f"{path}: expected header query-id, corpus-id, score; got {header}")
+        for row in reader:
+            if row:
+                qrels.setdefault(row[0], {})[row[1]] = int(float(row[2]))
+    return qrels
+
+
+def load_beir(root: str | Path, split: str = "test") -> BeirData:
+    """Load a BEIR dir; queries are restricted to those with qrels in `split`."""
+    root = Path(root)
+    qrels_path = root / "qrels" / f"{split}.tsv"
+    if not qrels_path.exists():
+        raise ValueError(f"{root}: no qrels for split {split!r} ({qrels_path} missing)")
+    qrels = load_qrels(qrels_path)
+    corpus = {str(d["_id"]): {"title": d.get("title") or "", "text": d.get("text") or ""}
+              for d in _read_jsonl(root / "corpus.jsonl")}
+    queries = {str(q["_id"]): q["text"] for q in _read_jsonl(root / "queries.jsonl") if str(q["_id"]) in qrels}
+    return BeirData(corpus=corpus, queries=queries, qrels=qrels)

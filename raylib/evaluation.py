@@ -1,0 +1,75 @@
+"""Retrieval evaluation of an Encoder on a BEIR data set: dense / sparse / multi-vector / hybrid,
+Matryoshka dims and quantized embeddings."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from raylib.beir import BeirData
+from raylib.metrics import evaluate
+from raylib.model import Encoder, truncate_dims
+from raylib.quantization import quantized_search
+from raylib.scoring import DEFAULT_WEIGHTS, hybrid_scores, lexical_scores, multivector_scores
+from raylib.search import exact_search
+
+MODES = ("dense", "sparse", "multivector", "hybrid")
+
+
+def _run(qids: list[str], dids: list[str], scores: np.ndarray, ids: np.ndarray) -> dict:
+    return {q: {dids[j]: float(s) for s, j in zip(scores[i], ids[i])} for i, q in enumerate(qids)}
+
+
+def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    k = min(k, scores.shape[1])
+    ids = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(scores, ids, 1), ids
+
+
+def evaluate_encoder(encoder: Encoder, data: BeirData, modes: Sequence[str] = ("dense",),
+                     dims: Sequence[int] = (), quantization: Sequence[str] = ("none",),
+                     metrics: Sequence[str] = ("ndcg@10", "recall@100", "mrr@10"), k: int = 100,
+                     batch_size: int = 64, weights: Sequence[float] = DEFAULT_WEIGHTS,
+                     show_progress: bool = False) -> dict[str, dict[str, float]]:
+    """Results keyed `dense`, `dense@128`, `dense/int8`, `dense@128/binary`, `sparse`, ...
+
+    Dense runs use exact FAISS search; sparse, multi-vector and hybrid score every document
+    (fine for BEIR-sized corpora, which is what this evaluates).
+    """
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    need_sparse = any(m in ("sparse", "hybrid") for m in modes)
+    need_multi = any(m in ("multivector", "hybrid") for m in modes)
+    qids, dids = list(data.queries), data.doc_ids()
+    kw = dict(dense=True, sparse=need_sparse, multivector=need_multi, batch_size=batch_size,
+              show_progress=show_progress)
+    q = encoder.encode([data.queries[i] for i in qids], kind="query", **kw)
+    d = encoder.encode(data.doc_texts(), kind="document", **kw)
+    results: dict[str, dict[str, float]] = {}
+    if "dense" in modes:
+        for dim in [None, *dims]:
+            qd = truncate_dims(q["dense"], dim) if dim else q["dense"]
+            dd = truncate_dims(d["dense"], dim) if dim else d["dense"]
+            for method in quantization:
+                key = "dense" + (f"@{dim}" if dim else "") + ("" if method == "none" else f"/{method}")
+                if method == "none":
+                    s, i = exact_search(qd, dd, k)
+                else:
+                    s, i = quantized_search(qd, dd, k, method)
+                results[key] = evaluate(data.qrels, _run(qids, dids, s, i), metrics)
+    full = {}
+    if need_sparse:
+        full["sparse"] = lexical_scores(q["sparse"], d["sparse"])
+    if need_multi:
+        full["multivector"] = multivector_scores(q["multivector"], d["multivector"])
+    if "hybrid" in modes:
+        from raylib.scoring import dense_scores
+        full["hybrid"] = hybrid_scores(dense_scores(q["dense"], d["dense"]), full.get("sparse"),
+                                       full.get("multivector"), weights)
+    for mode in ("sparse", "multivector", "hybrid"):
+        if mode in modes:
+            s, i = _topk(full[mode], k)
+            results[mode] = evaluate(data.qrels, _run(qids, dids, s, i), metrics)
+    return results

