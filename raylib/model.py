@@ -315,7 +315,7 @@ class Encoder(nn.Module):
         if show_progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=f"encode {kind}s", unit="batch")
+            starts = tqdm(starts, desc=f"encode ({kind})", unit="batch")
         for start in starts:
             idx = order[start:start + batch_size]
             batch = self.tokenizer.pad({"input_ids": [tokens["input_ids"][i] for i in idx]},

@@ -87,3 +87,27 @@ def score_encoded(q: dict, d: dict, weights: Sequence[float] = DEFAULT_WEIGHTS) 
         out["multivector"] = multivector_scores(q["multivector"], d["multivector"])
     out["hybrid"] = hybrid_scores(out.get("dense"), out.get("sparse"), out.get("multivector"), weights)
     return out
+
+
+def compute_score(encoder, pairs: Sequence[tuple[str, str]], weights: Sequence[float] = DEFAULT_WEIGHTS,
+                  max_length: int | None = None) -> dict[str, np.ndarray]:
+    """Score (query, passage) pairs with every head the encoder has, like BGEM3FlagModel.compute_score.
+
+    Keys: dense, sparse, multivector (per head), sparse+dense, hybrid (all heads), each [n_pairs].
+    Texts are encoded with the model's query / document prefixes.
+    """
+    if not pairs:
+        raise ValueError("pairs is empty")
+    kw = dict(dense=True, sparse=encoder.has_sparse, multivector=encoder.has_multivector,
+              max_length=max_length)
+    q = encoder.encode([p[0] for p in pairs], kind="query", **kw)
+    d = encoder.encode([p[1] for p in pairs], kind="document", **kw)
+    out = {"dense": np.einsum("nd,nd->n", q["dense"], d["dense"])}
+    if encoder.has_sparse:
+        out["sparse"] = np.array([lexical_scores([a], [b])[0, 0] for a, b in zip(q["sparse"], d["sparse"])])
+        out["sparse+dense"] = hybrid_scores(out["dense"], out["sparse"], None, weights)
+    if encoder.has_multivector:
+        out["multivector"] = np.array([multivector_scores([a], [b])[0, 0]
+                                       for a, b in zip(q["multivector"], d["multivector"])])
+    out["hybrid"] = hybrid_scores(out["dense"], out.get("sparse"), out.get("multivector"), weights)
+    return out
