@@ -56,7 +56,8 @@ def test_int8_and_binary_quantization():
     np.testing.assert_array_equal(unpack_binary(bits, 32) > 0, x > 0)
 
 
-@pytest.mark.parametrize("method,min_overlap", [("int8", 0.9), ("binary", 0.2)]  # chance is 0.01)
+# chance overlap is 0.01
+@pytest.mark.parametrize("method,min_overlap", [("int8", 0.9), ("binary", 0.2)]))
 def test_quantized_search_with_rescoring_recovers_float_ranking(method, min_overlap):
     q, d = _unit(20, 64), _unit(1000, 64)
     _, ref = exact_search(q, d, 10)
