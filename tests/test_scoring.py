@@ -57,7 +57,7 @@ def test_int8_and_binary_quantization():
 
 
 # chance overlap is 0.01
-@pytest.mark.parametrize("method,min_overlap", [("int8", 0.9), ("binary", 0.2)]))
+@pytest.mark.parametrize("method,min_overlap", [("int8", 0.9), ("binary", 0.2)])
 def test_quantized_search_with_rescoring_recovers_float_ranking(method, min_overlap):
     q, d = _unit(20, 64), _unit(1000, 64)
     _, ref = exact_search(q, d, 10)
