@@ -30,6 +30,13 @@ def s3_filesystem() -> pafs.S3FileSystem:
             scheme, endpoint = endpoint.split("://", 1)
         kwargs["endpoint_override"] = endpoint.rstrip("/")
         kwargs["scheme"] = scheme
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        # explicit keys travel with the (pickled) filesystem to Ray workers, whose environment
+        # may not have them; without them pyarrow's default credential chain is used
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -23,7 +25,10 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; it is the one with autograd
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = dist_fn.all_gather(x.contiguous())
+    return torch.cat(parts, dim=0)
 
 
 def all_gather_offset(local_size: int) -> int:

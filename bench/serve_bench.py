@@ -1,0 +1,273 @@
+"""Serving benchmark: throughput and p50/p99 latency of /v1/embeddings at 1 and 32 concurrent
+clients, against an in-process Encoder.encode of the same batches and infinity-emb serving the
+same model directory on the same cores. Optional --load: the issue's bounded load test
+(2,000 valid requests from 32 clients + 500 malformed; no 5xx but deliberate 503s).
+
+    python bench/serve_bench.py --model minilm [--requests 400] [--load] [--no-infinity]
+
+infinity-emb pins numpy<2 and an older huggingface_hub than transformers 5 needs, so it lives
+in its own venv (--infinity-venv, default /work/infinity-venv: a venv whose .pth adds this
+project's site-packages, with infinity-emb[server] installed and its numpy/huggingface_hub
+downgrades removed). If it cannot start, the reason is printed. Last stdout line: one JSON object.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_texts(n: int, max_chars: int, seed: int = 0) -> list[str]:
+    """SciFact documents (real text) cut to max_chars; synthetic text if the data is absent."""
+    path = Path("/work/shared/data/scifact")
+    if (path / "corpus.jsonl").exists():
+        from raylib.beir import document_text
+
+        docs = []
+        with open(path / "corpus.jsonl", encoding="utf-8") as f:
+            for line in f:
+                docs.append(document_text(json.loads(line))[:max_chars])
+                if len(docs) >= 4 * n:
+                    break
+    else:
+        words = "protein cell gene expression patient risk trial effect model data".split()
+        rng = random.Random(seed)
+        docs = [" ".join(rng.choice(words) for _ in range(40))[:max_chars] for _ in range(4 * n)]
+    random.Random(seed).shuffle(docs)
+    return docs[:n]
+
+
+def percentiles(lat_s: list[float]) -> dict:
+    arr = np.asarray(lat_s) * 1e3
+    return {"p50_ms": round(float(np.percentile(arr, 50)), 2),
+            "p99_ms": round(float(np.percentile(arr, 99)), 2)}
+
+
+async def http_load(url: str, bodies: list[dict], concurrency: int, headers: dict | None = None
+                    ) -> dict:
+    """Send bodies from `concurrency` clients; returns throughput, latency and status counts."""
+    import httpx
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for b in bodies:
+        queue.put_nowait(b)
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    n_texts = 0
+
+    async with httpx.AsyncClient(timeout=120, headers=headers or {},
+                                 limits=httpx.Limits(max_connections=concurrency)) as client:
+        async def worker():
+            nonlocal n_texts
+            while not queue.empty():
+                body = queue.get_nowait()
+                t = time.perf_counter()
+                if isinstance(body, bytes):
+                    r = await client.post(url, content=body,
+                                          headers={"Content-Type": "application/json"})
+                else:
+                    r = await client.post(url, json=body)
+                lat.append(time.perf_counter() - t)
+                codes[r.status_code] = codes.get(r.status_code, 0) + 1
+                if r.status_code == 200 and isinstance(body, dict):
+                    n_texts += len(body["input"]) if isinstance(body["input"], list) else 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        elapsed = time.perf_counter() - start
+    return {"requests": len(bodies), "elapsed_s": round(elapsed, 2),
+            "req_per_s": round(len(bodies) / elapsed, 1), "texts_per_s": round(n_texts / elapsed, 1),
+            **percentiles(lat), "status": {str(k): v for k, v in sorted(codes.items())}}
+
+
+def in_process(encoder, texts: list[str], batch: int) -> dict:
+    """Encoder.encode on the same texts in batches of `batch` (what the server can form)."""
+    lat = []
+    encoder.encode(texts[:batch], kind="document")  # warm-up
+    start = time.perf_counter()
+    for s in range(0, len(texts), batch):
+        t = time.perf_counter()
+        encoder.encode(texts[s:s + batch], kind="document", batch_size=batch)
+        lat.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - start
+    return {"batch": batch, "elapsed_s": round(elapsed, 2),
+            "texts_per_s": round(len(texts) / elapsed, 1), **percentiles(lat)}
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> str | None:
+    """Poll url until 200; returns an error string on timeout or process exit."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return f"process exited with code {proc.returncode}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return None
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return f"not ready after {timeout_s:.0f} s"
+
+
+def start_infinity(venv: Path, model_dir: str, port: int, batch: int, log: Path):
+    """infinity_emb v2 serving the same model dir on CPU; (process, None) or (None, reason)."""
+    exe = venv / "bin" / "infinity_emb"
+    if not exe.exists():
+        return None, (f"{exe} not found: create the venv and `pip install 'infinity-emb[server]'` "
+                      "(not installed into the project venv: it pins numpy<2, which breaks "
+                      "pandas/faiss there)")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0",
+               DO_NOT_TRACK="1")
+    cmd = [str(exe), "v2", "--model-id", model_dir, "--served-model-name", "minilm",
+           "--port", str(port), "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu",
+           "--batch-size", str(batch), "--url-prefix", "/v1", "--no-bettertransformer"]
+    out = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    err = wait_http(f"http://127.0.0.1:{port}/v1/health", 300, proc)
+    if err:
+        proc.kill()
+        tail = log.read_text()[-1500:] if log.exists() else ""
+        return None, f"infinity_emb failed to start ({err}); log tail:\n{tail}"
+    return proc, None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--max-chars", type=int, default=300)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="torch threads everywhere")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--load", action="store_true", help="also run 2,000 valid + 500 malformed")
+    p.add_argument("--no-infinity", action="store_true")
+    p.add_argument("--infinity-venv", default="/work/infinity-venv")
+    args = p.parse_args()
+
+    import torch
+
+    import ray
+    from ray import serve
+
+    from raylib.model import Encoder, resolve_model_path
+    from serve.app import app
+
+    torch.set_num_threads(args.threads)
+    model_dir = str(resolve_model_path(args.model))
+    n_req, k = args.requests, args.texts_per_request
+    texts = load_texts(n_req * k, args.max_chars)
+    bodies = [{"input": texts[i * k:(i + 1) * k], "model": args.model} for i in range(n_req)]
+    report: dict = {"model": args.model, "requests": n_req, "texts_per_request": k,
+                    "max_chars": args.max_chars, "cpus": os.cpu_count(),
+                    "loadavg_start": round(os.getloadavg()[0], 1)}
+
+    # ---------------------------------------------------------------- in-process baseline
+    encoder = Encoder.from_pretrained(model_dir, device="cpu")
+    report["in_process"] = {}
+    for c in args.concurrency:
+        # 1 client: one request's texts per call; 32 clients: at most max_batch_size texts
+        batch = k if c == 1 else min(args.max_batch_size, c * k)
+        report["in_process"][f"c{c}"] = in_process(encoder, texts, batch)
+        print(f"in-process batch={batch}: {report['in_process'][f'c{c}']}", flush=True)
+    del encoder
+
+    # ---------------------------------------------------------------- Ray Serve
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    t = time.perf_counter()
+    serve.run(app({"model": args.model, "max_batch_size": args.max_batch_size,
+                   "num_cpus": 1, "torch_threads": args.threads,
+                   "max_ongoing_requests": max(64, args.max_batch_size)}),
+              name="bench", route_prefix="/")
+    report["serve_startup_s"] = round(time.perf_counter() - t, 1)
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    asyncio.run(http_load(url, bodies[:32], 4))  # warm-up
+    report["ray_serve"] = {}
+    for c in args.concurrency:
+        res = asyncio.run(http_load(url, bodies, c))
+        report["ray_serve"][f"c{c}"] = res
+        print(f"ray serve c={c}: {res}", flush=True)
+    if args.load:
+        valid = [{"input": texts[i % len(texts)]} for i in range(2000)]
+        bad_bodies = [{"input": []}, {"input": 3}, {"inpt": "x"}, {"input": "x", "dimensions": 9999},
+                      {"input": ["x" * 30000]}, {"input": [None]}, b"\x00garbage"]
+        bad = [bad_bodies[i % len(bad_bodies)] for i in range(500)]
+        mixed = valid + bad
+        random.Random(0).shuffle(mixed)
+        res = asyncio.run(http_load(url, mixed, 32))
+        import httpx
+
+        res["alive_after"] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code
+        res["5xx_other_than_503"] = sum(v for s, v in res["status"].items()
+                                        if s.startswith("5") and s != "503")
+        report["load_2000_plus_500_malformed"] = res
+        print(f"load test: {res}", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+
+    # ---------------------------------------------------------------- infinity-emb
+    if args.no_infinity:
+        report["infinity"] = "skipped (--no-infinity)"
+    else:
+        port = free_port()
+        log = Path("/tmp") / f"infinity_bench_{port}.log"
+        proc, why = start_infinity(Path(args.infinity_venv), model_dir, port,
+                                   args.max_batch_size, log)
+        if proc is None:
+            report["infinity"] = f"not run: {why}"
+            print(report["infinity"], flush=True)
+        else:
+            try:
+                url = f"http://127.0.0.1:{port}/v1/embeddings"
+                asyncio.run(http_load(url, bodies[:32], 4))
+                report["infinity"] = {}
+                for c in args.concurrency:
+                    res = asyncio.run(http_load(url, bodies, c))
+                    report["infinity"][f"c{c}"] = res
+                    print(f"infinity c={c}: {res}", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+
+    # ---------------------------------------------------------------- ratios
+    for c in args.concurrency:
+        key = f"c{c}"
+        serve_tps = report["ray_serve"][key]["texts_per_s"]
+        report.setdefault("ratios", {})[key] = {
+            "serve_vs_in_process_throughput": round(
+                serve_tps / report["in_process"][key]["texts_per_s"], 3),
+            **({"serve_vs_infinity_throughput": round(
+                serve_tps / report["infinity"][key]["texts_per_s"], 3)}
+               if isinstance(report.get("infinity"), dict) else {})}
+    report["loadavg_end"] = round(os.getloadavg()[0], 1)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Curate query-document pairs with Ray Data: reject bad rows, heuristic filters, and top-k
+consistency filtering (Arctic-Embed 2.0 section 2.3 / appendix B); the last stdout line is JSON.
+
+  python jobs/filter.py --config jobs/configs/filter/debug.yaml [--set top_k=10 ...]
+  ray job submit --working-dir . -- python jobs/filter.py --config jobs/configs/filter/h100.yaml
+
+Input: Parquet/JSONL (file, list or dir; local or s3://) with query, document, source, language
+(other columns are carried through). Output: kept pairs + `shard` + `consistency_rank` (Parquet),
+rejects (+ `reason`) and `<output>/_summary.json`. Three streaming passes over the input:
+(1) count every row by status and group (rejects, heuristics, group sizes -> shards per group),
+(2) write the rejects, (3) heuristics, shard, embed (actor pool), rank per shard, write kept
+pairs. See raylib/ray_data/consistency.py for the sharding and memory design.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raylib.config import parse_job_args  # noqa: E402
+from raylib.filters import HEURISTICS, HeuristicConfig, num_shards  # noqa: E402
+from raylib.storage import join, write_text  # noqa: E402
+
+REQUIRED = ("query", "document", "source", "language")
+
+
+@dataclass
+class FilterConfig:
+    """Config of jobs/filter.py (unknown keys are an error)."""
+
+    input: str | list[str] = ""  # Parquet/JSONL file(s) or dir, local or s3://
+    output: str = ""  # kept pairs (Parquet dir) + _summary.json
+    rejects: str = ""  # rejected rows with `reason` (Parquet dir)
+    model: str = "minilm"  # filter model: path or name (minilm, me5-small)
+    shard_size: int = 3_000_000  # pairs per consistency shard (even cuts of a source x language)
+    top_k: int = 20  # keep a pair if its own document ranks within top_k of its shard
+    consistency: bool = True  # false: heuristics and de-duplication only (no embedding)
+    batch_size: int = 64  # encoder batch size inside an embedding actor
+    rows_per_call: int = 512  # rows per actor call (sorted by length, then batched)
+    concurrency: int = 1  # embedding actors per column (query, document)
+    num_gpus_per_actor: float = 0.0  # > 0: GPU embedding actors (and GPU FAISS in shard tasks)
+    num_cpus_per_actor: float = 0.5  # fractional so actors never starve read/write tasks
+    num_threads_per_actor: int | None = None  # torch threads per actor (None: Ray's default)
+    query_max_tokens: int = 32  # encoder truncation for queries
+    document_max_tokens: int = 256  # encoder truncation for documents
+    max_chars: int = 100_000  # rows with a longer query/document are rejected (too_long)
+    heuristics: HeuristicConfig = field(default_factory=HeuristicConfig)
+    read_blocks: int | None = None  # cap on read parallelism (None: Ray decides)
+    local_num_cpus: int = 8  # CPU tokens for a local Ray started by this job (not on a cluster)
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "rejects"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.shard_size < 1 or self.batch_size < 1 or self.concurrency < 1:
+            raise ValueError("shard_size, batch_size and concurrency must be >= 1")
+        if self.max_chars < 1:
+            raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
+
+
+def _init_ray(cfg: FilterConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit` or an explicit cluster
+        ray.init()
+    else:
+        ray.init(num_cpus=cfg.local_num_cpus, include_dashboard=False)
+
+
+def _log(msg: str) -> None:
+    print(f"[filter] {msg}", file=sys.stderr, flush=True)
+
+
+def _rate(rows: int, seconds: float) -> float:
+    return round(rows / seconds, 1) if seconds > 0 else 0.0
+
+
+def run(cfg: FilterConfig) -> dict:
+    """Run the curation job; returns the summary (also written to <output>/_summary.json)."""
+    import pyarrow as pa
+
+    import ray
+    from raylib.ray_data import consistency as cons
+    from raylib.ray_data.embed import embed
+    from raylib.ray_data.io import count_rows, read_table, split_rejects, value_counts, write_parquet
+
+    _init_ray(cfg)
+    t_start = time.perf_counter()
+    stages: dict[str, dict] = {}
+
+    def stage(name: str, rows: int, t0: float) -> None:
+        dt = time.perf_counter() - t0
+        stages[name] = {"rows": rows, "seconds": round(dt, 2), "rows_per_s": _rate(rows, dt)}
+        _log(f"{name}: {rows} rows in {dt:.1f}s")
+
+    def source() -> "ray.data.Dataset":
+        return read_table(cfg.input, override_num_blocks=cfg.read_blocks)
+
+    # pass 1: count every input row by status (reject reason / heuristic / kept) and group
+    t0 = time.perf_counter()
+    counts = cons.status_counts(source(), REQUIRED, cfg.max_chars, cfg.heuristics)
+    num_input = sum(counts.values())
+    rejected: dict[str, int] = {}
+    dropped = {name: 0 for name in HEURISTICS}
+    survivors: dict[tuple[str, str], int] = {}
+    for (status, src, language), n in counts.items():
+        if status.startswith("reject:"):
+            reason = status[len("reject:"):]
+            rejected[reason] = rejected.get(reason, 0) + n
+        elif status:
+            dropped[status] += n
+        else:
+            survivors[(src, language)] = survivors.get((src, language), 0) + n
+    stage("count_and_heuristics", num_input, t0)
+
+    # pass 2: write the rejects with their reason
+    t0 = time.perf_counter()
+    good, bad = split_rejects(source(), REQUIRED, cfg.max_chars)
+    write_parquet(bad, cfg.rejects)
+    written = value_counts(cfg.rejects, "reason")
+    assert written == rejected, (written, rejected)  # what was written is what was counted
+    stage("write_rejects", num_input, t0)
+
+    # pass 3: heuristics again (pure, per row), shard, embed, rank within shards, write kept
+    t0 = time.perf_counter()
+    shards_per_group = {g: num_shards(n, cfg.shard_size) for g, n in survivors.items()}
+    total_shards = sum(shards_per_group.values())
+    num_survivors = sum(survivors.values())
+    _log(f"{num_survivors} pairs in {len(survivors)} (source, language) groups -> {total_shards} shards")
+    stats = cons.CurationStats.remote()
+    if num_survivors:
+        def keep_unflagged(table: pa.Table) -> pa.Table:
+            return table.filter(table.column(cons.STATUS).is_null())
+
+        ds = cons.annotate_heuristics(good, cfg.heuristics)
+        ds = ds.map_batches(keep_unflagged, batch_format="pyarrow")
+        ds = cons.assign_shards(ds, shards_per_group)
+        gpu = cfg.num_gpus_per_actor > 0
+        if cfg.consistency:
+            ds = embed(ds, model=cfg.model, column="query", kind="query", output_column="_q_emb",
+                       max_length=cfg.query_max_tokens,
+                       also=[("document", "document", "_d_emb", cfg.document_max_tokens)],
+                       concurrency=cfg.concurrency, num_gpus=cfg.num_gpus_per_actor,
+                       batch_size=cfg.batch_size, num_cpus=cfg.num_cpus_per_actor,
+                       rows_per_call=cfg.rows_per_call, num_threads=cfg.num_threads_per_actor,
+                       stats=stats)
+        ds = cons.filter_shards(ds, total_shards, cfg.top_k if cfg.consistency else None,
+                                cfg.heuristics.duplicate, stats,
+                                num_gpus=cfg.num_gpus_per_actor if gpu else None,
+                                use_gpu=None if gpu else False)
+        write_parquet(ds, cfg.output)
+    num_kept = count_rows(cfg.output) if num_survivors else 0
+    shard_stats = ray.get(stats.get.remote())
+    totals = cons.summarize_shards(shard_stats)
+    stage("consistency", num_survivors, t0)
+    dropped["duplicate"] += totals["duplicate"]
+    recs = list(shard_stats["embed"].values())
+    rows, secs = sum(r for r, _ in recs), sum(s for _, s in recs)
+    if rows:  # query + document encoded per pair
+        stages["embed_pairs"] = {"rows": rows, "actor_seconds": round(secs, 2),
+                                 "rows_per_s_per_actor": _rate(rows, secs)}
+    stages["rank_shards"] = {"rows": totals["pairs"], "task_seconds": round(totals["seconds"], 2),
+                             "rows_per_s_per_task": _rate(totals["pairs"], totals["seconds"])}
+
+    summary = {
+        "input": num_input,
+        "rejected": sum(rejected.values()),
+        "rejected_by_reason": dict(sorted(rejected.items())),
+        "dropped_by_heuristic": dropped,
+        "dropped_by_consistency": totals["consistency"],
+        "kept": num_kept,
+        "shards": {"count": totals["num_shards"], "planned": total_shards,
+                   "min_pairs": totals["shard_pairs_min"], "max_pairs": totals["shard_pairs_max"]},
+        "throughput": stages,
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "config": asdict(cfg),
+    }
+    # invariants: every input row is accounted for exactly once
+    assert totals["pairs"] == num_survivors, (totals["pairs"], num_survivors)
+    assert totals["kept"] == num_kept, (totals["kept"], num_kept)
+    assert (summary["rejected"] + sum(dropped.values()) + summary["dropped_by_consistency"]
+            + num_kept == num_input), summary
+    summary["pairs_per_s"] = _rate(num_input, summary["seconds"])
+    write_text(join(cfg.output, "_summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_job_args(FilterConfig, __doc__.split("\n")[0], argv)
+    summary = run(cfg)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

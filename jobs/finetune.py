@@ -1,0 +1,41 @@
+"""Finetune an embedding model on mined hard negatives with Ray Train (Arctic-Embed 2.0 App. C), or
+train BGE-M3's dense, sparse and multi-vector heads with self-knowledge distillation (M3 §3.3).
+
+  python jobs/finetune.py --config jobs/configs/finetune/debug.yaml [--set objective.mode=m3 ...]
+  ray job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/finetune/h100.yaml
+
+Input: the mining job's Parquet (query, positive, negatives, positive_score, negative_scores, source,
+language). The training loop, data plan, checkpoints and config sections are the pretraining
+job's (raylib.ray_train.loop); this job adds the `objective` section (FinetuneObjective) and the
+optional `length_grouping` section (M3 §3.4). Checkpoints are model directories in the BGE-M3
+layout (colbert_linear.pt, sparse_linear.pt when the model has those heads).
+The last stdout line is one JSON summary.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raylib.config import parse_job_args  # noqa: E402
+from raylib.ray_train.finetune_objective import FinetuneJobConfig, make_objective  # noqa: E402
+from raylib.ray_train.loop import fit, print_summary  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_job_args(FinetuneJobConfig, __doc__.split("\n")[0], argv)
+    if cfg.objective.mode == "m3" and cfg.model.name_or_path == "tiny" and not cfg.model.tiny.get("m3_heads"):
+        raise SystemExit("config error: objective.mode=m3 needs a model with M3 heads "
+                         "(model.tiny.m3_heads: true, or a BGE-M3 directory)")
+    try:
+        summary = fit(cfg, make_objective)
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}") from None
+    print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""The one Ray Train loop for contrastive pretraining and finetuning.
+
+`fit(cfg, objective_factory)` plans the data (raylib.ray_train.data), starts a TorchTrainer, and in
+each worker runs: tokenize (Objective.features) -> embed + loss with optional gradient caching
+(raylib.gradcache) -> grad clip -> AdamW -> WSD schedule; every `checkpoint.every_steps` steps (and at
+the end) it reports a checkpoint: a loadable model directory (Encoder.save_pretrained layout) plus
+`train_state.pt` (optimizer, scheduler, next step = data position) and `metrics.jsonl`.
+A restarted worker group (FailureConfig) or a second fit() with the same name resumes at the exact
+next batch. The config sections below are reused by jobs/pretrain.py and jobs/finetune.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from raylib.gradcache import forward_backward, pad_features
+from raylib.model import Encoder, autocast_for
+from raylib.schedule import wsd_scheduler
+
+TRAIN_STATE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- config sections
+@dataclass
+class ModelSection:
+    """Starting checkpoint: a model dir or name (minilm, me5-small), or `tiny` (raylib.tiny)."""
+
+    name_or_path: str = "minilm"
+    tiny: dict = field(default_factory=dict)         # kwargs of raylib.tiny.tiny_encoder when name is tiny
+    activation_checkpointing: bool = False            # backbone.gradient_checkpointing_enable()
+    matryoshka_dims: list[int] = field(default_factory=list)  # written into the saved settings
+
+
+@dataclass
+class DataSection:
+    """Pairs (Parquet or JSONL; local or s3://), batched per source (x language), seeded order."""
+
+    paths: list[str] = field(default_factory=list)
+    format: str = "parquet"
+    global_batch_size: int = 32
+    epochs: int = 1
+    seed: int = 0
+
+
+@dataclass
+class TrainSection:
+    """Optimizer, schedule, gradient caching, precision, logging."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup: float = 0.0        # steps (integer) or a fraction of all steps (0 < x < 1)
+    decay: float = 0.0         # linear decay over the last steps (integer) or fraction
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_steps: int = 0          # 0: all epochs
+    grad_cache_chunk: int = 0   # rows per chunk for gradient caching; 0 = one plain forward/backward
+    bf16: bool = True           # autocast on GPU (no effect on CPU)
+    seed: int = 0               # weights of a tiny model, dropout
+    log_every: int = 1
+    peak_tflops: float = 989.0  # per GPU, for the MFU estimate (H100 SXM dense bf16)
+    fail_at_step: int = -1      # test switch: raise once in rank 0 at this step (worker failure)
+    log_consumed: bool = False  # write consumed_rank{r}.jsonl (row ids per step) to the run dir
+
+
+@dataclass
+class CheckpointSection:
+    """Where checkpoints go (local dir or s3://) and how often."""
+
+    storage_path: str = "runs"
+    name: str = "pretrain"
+    every_steps: int = 100
+    num_to_keep: int = 2
+    local_dir: str = "runs"     # metrics.jsonl and the PNG when storage_path is remote
+
+
+@dataclass
+class ScalingSection:
+    """Ray Train workers; fractional CPUs keep 2-core machines from starving Ray Data tasks."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    max_failures: int = 0
+    ray_address: str = ""       # empty: connect to a running cluster or start a local one
+    ray_num_cpus: int = 8       # CPU tokens of a local Ray started here
+
+
+@dataclass
+class TrainJobConfig:
+    """The sections every training job has; jobs add their objective's section."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+
+
+ObjectiveFactory = Callable[[Any], Any]  # cfg -> Objective (a top-level function: it is pickled)
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def run_dir(cfg: TrainJobConfig) -> Path:
+    """Local directory for metrics.jsonl, the curves PNG and test logs."""
+    base = cfg.checkpoint.local_dir if is_remote(cfg.checkpoint.storage_path) else cfg.checkpoint.storage_path
+    return Path(base).expanduser().resolve() / cfg.checkpoint.name
+
+
+# ----------------------------------------------------------------------------- model pieces
+def load_encoder(section: ModelSection, seed: int = 0) -> Encoder:
+    """The starting Encoder from a name/dir, or a seeded tiny one."""
+    if section.name_or_path == "tiny":
+        from raylib.tiny import tiny_encoder
+
+        encoder = tiny_encoder(seed=seed, **section.tiny)
+    else:
+        encoder = Encoder.from_pretrained(section.name_or_path, device="cpu")
+    if section.matryoshka_dims:
+        encoder.settings.matryoshka_dims = list(section.matryoshka_dims)
+    return encoder
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainSection) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+
+
+def count_tokens(features: dict[str, dict[str, torch.Tensor]]) -> int:
+    return int(sum(int(f["attention_mask"].sum()) for f in features.values()))
+
+
+def train_flops_per_token(encoder: Encoder, t: TrainSection, activation_checkpointing: bool) -> float:
+    """6 N per trained token (forward 2N + backward 4N), N = non-embedding parameters; + 2N for the
+    gradient cache's extra forward and + 2N for activation checkpointing's recomputation."""
+    n = sum(p.numel() for name, p in encoder.named_parameters() if "embeddings" not in name)
+    return n * (6 + (2 if t.grad_cache_chunk else 0) + (2 if activation_checkpointing else 0))
+
+
+def training_step(model: Any, encoder: Encoder, objective: Any, rows: dict[str, list],
+                  optimizer: torch.optim.Optimizer, scheduler: Any, t: TrainSection, device: torch.device,
+                  distributed: bool = False) -> tuple[dict[str, float], int]:
+    """One optimizer step on this worker's rows; returns (metrics of this rank, local tokens).
+
+    `model` is what the objective calls (DDP-wrapped when distributed), `encoder` the bare Encoder.
+    """
+    features = objective.features(encoder, rows)
+    features = {s: {k: v.to(device) for k, v in f.items()} for s, f in features.items()}
+    if getattr(objective, "pad_across_workers", False) or t.grad_cache_chunk:
+        features = _pad_sides(features, encoder.tokenizer.pad_token_id, distributed and
+                              getattr(objective, "pad_across_workers", False))
+    use_autocast = t.bf16 and device.type == "cuda"
+
+    def embed(side: str, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with autocast_for(device) if use_autocast else torch.autocast("cpu", enabled=False):
+            return objective.embed(model, side, feats)
+
+    no_sync = getattr(model, "no_sync", None)
+    loss, metrics = forward_backward(embed, features, lambda reps: objective.loss(reps, features, rows),
+                                     t.grad_cache_chunk, no_sync, device)
+    if t.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(encoder.parameters(), t.max_grad_norm)
+        metrics["grad_norm"] = float(norm)
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return metrics, count_tokens(features)
+
+
+def _pad_sides(features, pad_id: int, across_workers: bool):
+    """Pad each side to one length (the longest over workers when across_workers)."""
+    lengths = torch.tensor([f["input_ids"].shape[1] for f in features.values()])
+    if across_workers:
+        import torch.distributed as dist
+
+        lengths = lengths.to(next(iter(features.values()))["input_ids"].device)
+        dist.all_reduce(lengths, op=dist.ReduceOp.MAX)
+    return {s: pad_features(f, int(n), pad_id) for (s, f), n in zip(features.items(), lengths.tolist())}
+
+
+def _mean_over_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _sum_over_workers(value: int, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+# ----------------------------------------------------------------------------- the worker
+def train_worker(config: dict) -> None:
+    """Ray Train's train_loop_per_worker."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from raylib.ray_train.data import iter_steps
+
+    cfg: TrainJobConfig = config["cfg"]
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    out_dir = Path(config["run_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(t.seed)
+    encoder = load_encoder(cfg.model, t.seed)
+    if cfg.model.activation_checkpointing:
+        encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    encoder.train()
+    optimizer_model = encoder
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=False)
+            encoder.load_state_dict(state["model"])
+            start_step = int(state["next_step"])
+    objective = config["objective_factory"](cfg)
+    if world > 1:
+        # heads the objective does not use (a dense-only objective on a model with M3 heads) need
+        # find_unused_parameters; an objective may say so itself.
+        unused = getattr(objective, "find_unused_parameters", encoder.has_sparse or encoder.has_multivector)
+        model = ray.train.torch.prepare_model(encoder, parallel_strategy_kwargs={
+            "find_unused_parameters": bool(unused)})
+        encoder = model.module
+    else:
+        model = encoder = encoder.to(device)
+    optimizer = build_optimizer(optimizer_model, t)
+    total_steps = config["plan"].total_steps
+    scheduler = wsd_scheduler(optimizer, total_steps, t.warmup, t.decay, t.min_lr_ratio)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    flops_per_token = train_flops_per_token(encoder, t, cfg.model.activation_checkpointing)
+    metrics_path = out_dir / METRICS_FILE
+    if rank == 0:
+        _truncate_metrics(metrics_path, start_step)
+    consumed = open(out_dir / f"consumed_rank{rank}.jsonl", "a") if t.log_consumed else None
+    plan = config["plan"]
+    if plan.num_workers != world:
+        raise RuntimeError(f"the data plan is for {plan.num_workers} workers, the group has {world}")
+    tables = {source: ray.get(ref) for source, ref in config["tables"].items()}
+    last_report = None
+    tick = time.perf_counter()
+    for step, rows in iter_steps(plan, tables, start_step, rank):
+        if step == t.fail_at_step and rank == 0:
+            marker = out_dir / f"failed_at_{step}"
+            if not marker.exists():
+                marker.write_text("injected failure\n")
+                raise RuntimeError(f"injected worker failure at step {step} (train.fail_at_step)")
+        torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)  # dropout: a function of (step, rank)
+        metrics, tokens = training_step(model, encoder, objective, rows, optimizer, scheduler, t, device,
+                                        distributed=world > 1)
+        metrics = _mean_over_workers(metrics, device)
+        tokens = _sum_over_workers(tokens, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        seconds, tick = now - tick, now
+        record = {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()},
+                  "examples_per_s": round(cfg.data.global_batch_size / seconds, 2),
+                  "tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds, 4)}
+        if device.type == "cuda":
+            record["mfu"] = round(tokens * flops_per_token / seconds / (t.peak_tflops * 1e12 * world), 4)
+        if consumed is not None and "id" in rows:
+            consumed.write(json.dumps({"step": step, "ids": rows["id"]}) + "\n")
+            consumed.flush()
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if (step + 1) % t.log_every == 0 or step + 1 == total_steps:
+                print(progress_line(record, total_steps), flush=True)
+        done = step + 1 == total_steps
+        if (step + 1) % cfg.checkpoint.every_steps == 0 or done:
+            last_report = _report(encoder, optimizer, scheduler, step + 1, record, rank, metrics_path, Checkpoint)
+        if done:
+            break
+    if consumed is not None:
+        consumed.close()
+    if last_report is None and start_step < total_steps:
+        raise RuntimeError(f"worker {rank} got no data from step {start_step} on")
+
+
+def _report(encoder: Encoder, optimizer, scheduler, next_step: int, record: dict, rank: int,
+            metrics_path: Path, checkpoint_cls) -> dict:
+    """ray.train.report on every rank (a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(record, checkpoint=None)
+        return record
+    with tempfile.TemporaryDirectory() as tmp:
+        encoder.save_pretrained(tmp)
+        torch.save({"model": encoder.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "next_step": next_step},
+                   Path(tmp) / TRAIN_STATE)
+        if metrics_path.exists():
+            shutil.copy(metrics_path, Path(tmp) / METRICS_FILE)
+        ray.train.report(record, checkpoint=checkpoint_cls.from_directory(tmp))
+    return record
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """On resume, drop metric rows of steps that will be re-run."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= start_step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def progress_line(record: dict, total_steps: int) -> str:
+    dims = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss@"))
+    mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
+    return (f"step {record['step']}/{total_steps} loss {record['loss']:.4f} ({dims}) lr {record['lr']:.2e} "
+            f"{record['examples_per_s']:.1f} ex/s {record['tokens_per_s']:.0f} tok/s{mfu}")
+
+
+# ----------------------------------------------------------------------------- the driver
+def init_ray(s: ScalingSection) -> None:
+    """Connect to the configured or running cluster, else start a local Ray with ray_num_cpus tokens."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_AUTH_MODE", "TOKENIZERS_PARALLELISM")
+                        if k in os.environ}}
+    if s.ray_address:
+        ray.init(address=s.ray_address, runtime_env=env)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env)
+    else:
+        for attempt in range(3):  # a local start times out (30 s, fixed in Ray) on an overloaded host
+            try:
+                ray.init(num_cpus=s.ray_num_cpus, include_dashboard=False, runtime_env=env)
+                return
+            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
+                if "timed out during startup" not in str(e) or attempt == 2:
+                    raise
+                ray.shutdown()
+
+
+def fit(cfg: TrainJobConfig, objective_factory: ObjectiveFactory) -> dict:
+    """Plan the data, run the TorchTrainer, plot the curves; returns a summary dict."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    import ray
+
+    from raylib.ray_train.data import make_plan, read_pairs, split_sources
+
+    s = cfg.scaling
+    if s.num_workers < 1:
+        raise ValueError(f"scaling.num_workers must be >= 1, got {s.num_workers}")
+    if cfg.checkpoint.every_steps < 1:
+        raise ValueError(f"checkpoint.every_steps must be >= 1, got {cfg.checkpoint.every_steps}")
+    if cfg.data.global_batch_size % s.num_workers:
+        raise ValueError(f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by "
+                         f"scaling.num_workers {s.num_workers}")
+    objective_factory(cfg)  # a config error should surface here, not in a worker
+    init_ray(s)
+    start = time.time()
+    tables = split_sources(read_pairs(cfg.data.paths, cfg.data.format))
+    plan = make_plan(tables, cfg.data.global_batch_size, s.num_workers, cfg.data.seed, cfg.data.epochs,
+                     cfg.train.max_steps)
+    table_refs = {source: ray.put(table) for source, table in tables.items()}
+    del tables
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = cfg.checkpoint.storage_path
+    storage = storage if is_remote(storage) else str(Path(storage).expanduser().resolve())
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg, "objective_factory": objective_factory, "plan": plan,
+                           "tables": table_refs, "run_dir": str(out)},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.checkpoint.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)))
+    result = trainer.fit()
+    curves = plot_metrics(out / METRICS_FILE, out / "curves.png")
+    final = result.checkpoint.path if result.checkpoint is not None else None
+    return {"checkpoint": final, "run_dir": str(out), "metrics": result.metrics,
+            "curves": str(curves) if curves else None, "plan": plan.summary(),
+            "seconds": round(time.time() - start, 1), "config": asdict(cfg)}
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
+    """Loss (total and per Matryoshka dim), LR and throughput against step, as a PNG (Agg)."""
+    if not metrics_path.exists():
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key in sorted({k for r in rows for k in r if k == "loss" or k.startswith("loss")}):
+        axes[0].plot(steps, [r.get(key, math.nan) for r in rows], label=key)
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(steps, [r["lr"] for r in rows])
+    axes[1].set_title("learning rate")
+    axes[2].plot(steps, [r["examples_per_s"] for r in rows])
+    axes[2].set_title("examples/s")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+    return png_path
+
+
+def print_summary(summary: dict) -> None:
+    """Last stdout line = one JSON object (job convention)."""
+    keep = {k: v for k, v in summary.items() if k != "config"}
+    print(json.dumps(keep, default=str), file=sys.stdout, flush=True)

@@ -1,0 +1,347 @@
+"""Ray Serve app over real HTTP on loopback: OpenAI embeddings, /encode, /rerank, errors, auth,
+backpressure, and a bounded load test. Two apps share one Serve instance on a free port: `embed`
+(tiny BERT with M3 heads, API key) and `tight` (tiny model without heads, tiny capacity)."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import os
+import random
+import socket
+import time
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+API_KEY = "test-key-123"
+TEXTS = [f"document {i}: " + " ".join(["alpha", "beta", "gamma", "delta", "retrieval", "ray"][j % 6]
+                                     for j in range(1 + (i * 7) % 23)) for i in range(40)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_dir, tmp_path_factory):
+    """Start Serve on 127.0.0.1:<free port> with both apps; tear down only what we started."""
+    from ray import serve
+
+    from raylib.tiny import save_tiny_encoder
+    from serve.app import app
+
+    plain_dir = save_tiny_encoder(tmp_path_factory.mktemp("tiny_plain") / "model", m3_heads=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app({"model": str(tiny_dir), "served_model_name": "tiny", "num_cpus": 0.25,
+                   "max_batch_size": 8, "batch_wait_timeout_s": 0.02, "api_key": API_KEY,
+                   "max_inputs_per_request": 16, "max_chars_per_input": 400}),
+              name="embed", route_prefix="/")
+    serve.run(app({"model": str(plain_dir), "served_model_name": "plain", "num_cpus": 0.25,
+                   "max_batch_size": 8, "batch_wait_timeout_s": 0.5, "max_ongoing_requests": 2,
+                   "max_queued_requests": 2, "retry_after_s": 2}),
+              name="tight", route_prefix="/tight")
+    yield {"base": f"http://127.0.0.1:{port}", "plain_dir": plain_dir}
+    serve.delete("embed")
+    serve.delete("tight")
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server["base"], timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    """The same model in-process: what every served vector must equal."""
+    from raylib.model import Encoder
+
+    return Encoder.from_pretrained(tiny_dir, device="cpu")
+
+
+def _assert_error(resp, status: int, param: str | None = "any") -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param != "any":
+        assert err["param"] == param, err
+    return err
+
+
+# ----------------------------------------------------------------------------- basics
+def test_health_models_and_metrics(client):
+    assert client.get("/health").json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    assert models["data"][0]["dimensions"] == 32 and models["data"][0]["sparse"] is True
+    before = client.get("/metrics").json()["requests_total"]
+    client.get("/health")
+    metrics = client.get("/metrics").json()
+    assert metrics["requests_total"] >= before + 2
+    assert metrics["routes"]["/health"]["latency_ms"]["p50"] >= 0
+
+
+def test_embeddings_equal_in_process_encode_under_concurrent_batching(client, reference):
+    """Random request sizes from 8 threads: Serve batches them differently from the reference."""
+    want = reference.encode(TEXTS, kind="document")["dense"]
+    rng = random.Random(0)
+    chunks, start = [], 0
+    while start < len(TEXTS):
+        n = rng.randint(1, 6)
+        chunks.append((start, TEXTS[start:start + n]))
+        start += n
+
+    def call(chunk):
+        start, texts = chunk
+        fmt = "base64" if start % 2 else "float"
+        r = client.post("/v1/embeddings", json={"input": texts, "model": "tiny",
+                                                "encoding_format": fmt})
+        assert r.status_code == 200, r.text
+        return start, fmt, r.json()
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, chunks * 2))
+    for start, fmt, body in results:
+        assert body["object"] == "list" and body["model"] == "tiny"
+        assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+        for item in body["data"]:
+            assert item["object"] == "embedding"
+            emb = item["embedding"]
+            got = (np.frombuffer(base64.b64decode(emb), dtype="<f4") if fmt == "base64"
+                   else np.asarray(emb, dtype=np.float32))
+            np.testing.assert_allclose(got, want[start + item["index"]], atol=1e-5)
+
+
+def test_openai_client_with_and_without_dimensions(server, reference):
+    openai = pytest.importorskip("openai")
+    from raylib.model import truncate_dims
+
+    oa = openai.OpenAI(base_url=server["base"] + "/v1", api_key=API_KEY, max_retries=0)
+    texts = TEXTS[:5]
+    want = reference.encode(texts, kind="document")["dense"]
+    full = oa.embeddings.create(model="tiny", input=texts)  # client asks for base64 itself
+    got = np.asarray([d.embedding for d in full.data], dtype=np.float32)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert full.usage.prompt_tokens == sum(
+        len(ids) for ids in reference.tokenize(texts, "document", padding=False)["input_ids"])
+    short = oa.embeddings.create(model="tiny", input=texts[0], dimensions=8,
+                                 encoding_format="float")
+    vec = np.asarray(short.data[0].embedding, dtype=np.float32)
+    assert vec.shape == (8,)
+    np.testing.assert_allclose(vec, truncate_dims(want[:1], 8)[0], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vec), 1.0, atol=1e-5)
+    with pytest.raises(openai.BadRequestError):
+        oa.embeddings.create(model="tiny", input="x", dimensions=33)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["base"] + "/v1", api_key="wrong",
+                      max_retries=0).embeddings.create(model="tiny", input="x")
+
+
+# ----------------------------------------------------------------------------- /encode
+def test_encode_sparse_multivector_and_quantization(client, reference):
+    from raylib.quantization import Int8Calibration, quantize_binary
+
+    texts = ["the cat sat on the mat", "ray serve batches requests"]
+    want = reference.encode(texts, kind="query", dense=True, sparse=True, multivector=True)
+    r = client.post("/encode", json={"texts": texts, "kind": "query", "sparse": True,
+                                     "multivector": True})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    for i, row in enumerate(data):
+        np.testing.assert_allclose(row["dense"], want["dense"][i], atol=1e-5)
+        ids = row["sparse"]["ids"]
+        assert set(ids) == set(row["sparse"]["weights"])
+        assert {v: row["sparse"]["weights"][k] for k, v in ids.items()} == pytest.approx(
+            want["sparse"][i], abs=1e-5)
+        for token, tid in ids.items():
+            assert reference.tokenizer.convert_ids_to_tokens(tid) == token
+        np.testing.assert_allclose(np.asarray(row["multivector"]), want["multivector"][i],
+                                   atol=1e-5)
+    r = client.post("/encode", json={"texts": texts, "quantization": "int8", "dimensions": 16})
+    body = r.json()
+    dense16 = reference.encode(texts, kind="document", dim=16)["dense"]
+    cal = Int8Calibration(np.full(16, -1.0, np.float32), np.full(16, 2 / 255, np.float32))
+    assert body["dense_format"] == "int8" and body["dimensions"] == 16
+    got = np.asarray([row["dense"] for row in body["data"]])
+    assert np.abs(got - cal.quantize(dense16)).max() <= 1  # rounding at a bin edge at most
+    assert np.abs(cal.dequantize(got.astype(np.int8)) - dense16).max() <= 2 / 255
+    r = client.post("/encode", json={"texts": texts, "quantization": "binary"})
+    want_bits = quantize_binary(reference.encode(texts, kind="document")["dense"])
+    assert np.array_equal(np.asarray([row["dense"] for row in r.json()["data"]]), want_bits)
+    r = client.post("/encode", json={"texts": texts, "quantization": "int8",
+                                     "int8_range": [-0.5, 0.5]})
+    assert r.status_code == 200 and r.json()["int8_range"][0][0] == -0.5
+
+
+# ----------------------------------------------------------------------------- /rerank
+def test_rerank_components_match_scoring(client, reference):
+    from raylib.scoring import hybrid_scores, score_encoded
+
+    query = "alpha retrieval"
+    docs = TEXTS[:11]
+    r = client.post("/rerank", json={"query": query, "documents": docs, "top_n": 5,
+                                     "return_documents": True,
+                                     "weights": {"dense": 1, "sparse": 0.3, "multivector": 1}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    results = body["results"]
+    assert len(results) == 5 and body["unavailable"] == []
+    scores = [x["relevance_score"] for x in results]
+    assert scores == sorted(scores, reverse=True)
+    q = reference.encode([query], kind="query", sparse=True, multivector=True)
+    d = reference.encode(docs, kind="document", sparse=True, multivector=True)
+    want = score_encoded(q, d, weights=(1, 0.3, 1))
+    assert results[0]["index"] == int(np.argmax(want["hybrid"][0]))
+    for x in results:
+        i = x["index"]
+        assert x["document"]["text"] == docs[i]
+        for k in ("dense", "sparse", "multivector"):
+            assert x["scores"][k] == pytest.approx(float(want[k][0, i]), abs=1e-4)
+        fused = hybrid_scores(*(np.float32(x["scores"][k]) for k in ("dense", "sparse",
+                                                                      "multivector")),
+                              weights=(1, 0.3, 1))
+        assert x["relevance_score"] == pytest.approx(float(fused), abs=1e-5)
+
+
+def test_rerank_without_m3_heads_fuses_dense_only(server):
+    r = httpx.post(server["base"] + "/tight/rerank", timeout=60,
+                   json={"query": "q", "documents": ["a b", "c d", "e"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["unavailable"] == ["sparse", "multivector"]
+    for x in body["results"]:
+        assert x["scores"]["sparse"] is None and x["scores"]["multivector"] is None
+        assert x["relevance_score"] == pytest.approx(x["scores"]["dense"], abs=1e-6)
+    err = httpx.post(server["base"] + "/tight/rerank", timeout=60,
+                     json={"query": "q", "documents": ["a"], "weights": [0, 1, 1]})
+    _assert_error(err, 400, "weights")
+    err = httpx.post(server["base"] + "/tight/encode", timeout=60,
+                     json={"texts": ["a"], "sparse": True})
+    _assert_error(err, 400, "sparse")
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/v1/embeddings", {"model": "tiny"}, 400, "input"),                      # missing field
+    ("/v1/embeddings", {"input": 5}, 400, "input"),                              # wrong type
+    ("/v1/embeddings", {"input": []}, 400, "input"),
+    ("/v1/embeddings", {"input": ["ok", "  "]}, 400, "input.1"),
+    ("/v1/embeddings", {"input": [1, 2, 3]}, 400, "input.0"),                 # token arrays
+    ("/v1/embeddings", {"input": "x", "dimensions": 33}, 400, "dimensions"),
+    ("/v1/embeddings", {"input": "x", "dimensions": 0}, 400, "dimensions"),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "int4"}, 400, "encoding_format"),
+    ("/v1/embeddings", {"input": "x", "model": "gpt-9"}, 404, "model"),
+    ("/v1/embeddings", {"input": ["x"] * 17}, 413, "input"),
+    ("/v1/embeddings", {"input": ["x" * 401]}, 413, "input.0"),
+    ("/encode", {"texts": ["a"], "kind": "passage"}, 400, "kind"),
+    ("/encode", {"texts": ["a"], "dense": False}, 400, "dense"),
+    ("/encode", {"texts": ["a"], "quantization": "int4"}, 400, "quantization"),
+    ("/encode", {"texts": ["a"], "quantization": "int8", "int8_range": [[0, 1], 0]}, 400,
+     "int8_range"),
+    ("/encode", {"texts": ["a"], "typo": 1}, 400, "typo"),
+    ("/rerank", {"query": "q", "documents": []}, 400, "documents"),
+    ("/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 400, "top_n"),
+    ("/rerank", {"query": "", "documents": ["a"]}, 400, "query.0"),
+])
+def test_malformed_requests_get_openai_errors(client, path, body, status, param):
+    _assert_error(client.post(path, json=body), status, param)
+
+
+def test_invalid_json_unknown_route_and_method(client):
+    err = _assert_error(client.post("/v1/embeddings", content=b"{not json",
+                                    headers={"Content-Type": "application/json"}), 400)
+    assert err["code"] == "invalid_json"
+    _assert_error(client.get("/nope"), 404)
+    _assert_error(client.get("/v1/embeddings"), 405)
+
+
+def test_auth(server):
+    base = server["base"]
+    assert httpx.get(base + "/health").status_code == 200  # health stays open for probes
+    err = _assert_error(httpx.post(base + "/v1/embeddings", json={"input": "x"}), 401)
+    assert err["code"] == "invalid_api_key"
+    _assert_error(httpx.get(base + "/v1/models", headers={"Authorization": "Bearer nope"}), 401)
+    assert httpx.get(base + "/v1/models",
+                     headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- capacity
+def test_overload_gets_503_with_retry_after_and_recovers(server):
+    """`tight`: 2 ongoing + 2 queued Encoder calls, and each batch (2 calls x 3 texts < 8) waits
+    0.5 s to fill, so a burst of 48 concurrent requests must overflow; none may hang or 500."""
+    url = server["base"] + "/tight/v1/embeddings"
+    body = {"input": [f"burst text number {i} " * 20 for i in range(3)]}
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+        with cf.ThreadPoolExecutor(48) as pool:
+            responses = list(pool.map(lambda _: c.post(url, json=body), range(48)))
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503}, codes
+        assert 503 in codes, codes
+        for r in responses:
+            if r.status_code == 503:
+                err = _assert_error(r, 503)
+                assert err["code"] == "over_capacity"
+                assert r.headers["Retry-After"] == "2"
+        time.sleep(0.5)
+        assert c.post(url, json=body).status_code == 200
+
+
+@pytest.mark.slow
+def test_bounded_load_no_5xx_and_alive_after(server, client):
+    """Scaled-down issue load test (bench/serve_bench.py --load runs 2,000 + 500): concurrent
+    valid requests plus malformed ones; only 200, 4xx, or deliberate 503s."""
+    import asyncio
+
+    n_valid = int(os.environ.get("RAYLIB_SERVE_LOAD_N", "400"))
+    n_bad = n_valid // 4
+    clients = 32
+    bad_bodies = [{"input": []}, {"input": 3}, {"inpt": "x"}, {"input": "x", "dimensions": 999},
+                  {"input": ["x" * 1000]}, {"input": [None]}]
+
+    async def run() -> list[int]:
+        jobs = [("ok", i) for i in range(n_valid)] + [("bad", i) for i in range(n_bad)]
+        random.Random(1).shuffle(jobs)
+        queue: asyncio.Queue = asyncio.Queue()
+        for job in jobs:
+            queue.put_nowait(job)
+        codes: list[int] = []
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=server["base"], timeout=60, headers=headers,
+                                     limits=httpx.Limits(max_connections=clients)) as ac:
+            async def worker():
+                while not queue.empty():
+                    kind, i = queue.get_nowait()
+                    if kind == "ok":
+                        r = await ac.post("/v1/embeddings", json={"input": TEXTS[i % 40]})
+                        codes.append(r.status_code)
+                    elif i % 7 == 0:
+                        r = await ac.post("/v1/embeddings", content=b"\x00garbage",
+                                          headers={"Content-Type": "application/json"})
+                        codes.append(-r.status_code)
+                    else:
+                        r = await ac.post("/v1/embeddings", json=bad_bodies[i % len(bad_bodies)])
+                        codes.append(-r.status_code)
+            await asyncio.wait_for(asyncio.gather(*[worker() for _ in range(clients)]), 240)
+        return codes
+
+    start = time.perf_counter()
+    codes = asyncio.run(run())
+    elapsed = time.perf_counter() - start
+    ok = [c for c in codes if c > 0]
+    bad = [-c for c in codes if c < 0]
+    assert len(ok) == n_valid and len(bad) == n_bad
+    assert set(ok) <= {200, 503}, sorted(set(ok))
+    assert ok.count(200) >= 0.9 * n_valid, (ok.count(200), ok.count(503))
+    assert all(400 <= c < 500 for c in bad), sorted(set(bad))
+    assert client.get("/health").status_code == 200
+    r = client.post("/v1/embeddings", json={"input": "still alive"})
+    assert r.status_code == 200
+    print(f"load: {n_valid} valid + {n_bad} malformed from {clients} clients in {elapsed:.1f}s")
