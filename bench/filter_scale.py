@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")  # no 8 idle workers at start
 
 WORDS = """the of and to in is was for on that with as by it from at are be this which or an has
 water protein cell cells gene genes cancer patients disease study results data model models method
@@ -170,13 +171,13 @@ def main() -> dict:
 
     import ray
 
-    from jobs.filter import FilterConfig, run
+    from jobs.filter import FilterConfig, init_local_ray, run
     from raylib.config import load_config
     from raylib.tiny import save_tiny_encoder
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="filter_scale_"))
     model = str(save_tiny_encoder(work / "tiny", hidden_size=args.hidden, max_length=128))
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    init_local_ray(8)
     from ray.data import DataContext
 
     DataContext.get_current().execution_no_progress_timeout_s = 900

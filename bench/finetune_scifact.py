@@ -105,6 +105,42 @@ def mine(encoder: Encoder, train, doc_emb: np.ndarray, rule: NegativeRule, candi
             "mean_negative_score": float(np.nanmean(sel.neg_scores[sel.status == KEPT]))}
 
 
+def train_in_process(cfg, out: Path) -> dict:
+    """The Ray Train loop's step (same objective, optimizer, WSD schedule, clipping) in this process:
+    seeded shuffled batches of data.global_batch_size rows, remainder dropped as in the Ray plan."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from raylib.ray_train.loop import build_optimizer, load_encoder, training_step
+    from raylib.schedule import wsd_scheduler
+
+    table = pq.read_table(cfg.data.paths[0]).to_pydict()
+    n, b = len(table["query"]), cfg.data.global_batch_size
+    steps_per_epoch = n // b
+    total = steps_per_epoch * cfg.data.epochs
+    torch.manual_seed(cfg.train.seed)
+    encoder = load_encoder(cfg.model, cfg.train.seed)
+    encoder.train()
+    opt = build_optimizer(encoder, cfg.train)
+    sched = wsd_scheduler(opt, total, cfg.train.warmup, cfg.train.decay, cfg.train.min_lr_ratio)
+    objective = cfg.objective
+    step, metrics = 0, {}
+    for epoch in range(cfg.data.epochs):
+        order = np.random.default_rng([cfg.data.seed, epoch]).permutation(n)
+        for k in range(steps_per_epoch):
+            idx = order[k * b:(k + 1) * b]
+            rows = {c: [v[i] for i in idx] for c, v in table.items()}
+            metrics, _ = training_step(encoder, encoder, objective, rows, opt, sched, cfg.train,
+                                       torch.device("cpu"))
+            step += 1
+            if step % cfg.train.log_every == 0 or step == total:
+                print(f"step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}", flush=True)
+    encoder.eval()
+    path = encoder.save_pretrained(out / "model")
+    return {"checkpoint": str(path), "metrics": metrics,
+            "plan": {"total_steps": total, "dropped_rows": n - steps_per_epoch * b}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="/work/shared/data/scifact")
@@ -120,12 +156,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--in-batch", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cpus", type=float, default=2.0, help="CPUs of the Ray Train worker")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trainer", choices=("ray", "inprocess"), default="ray",
+                   help="ray: jobs/finetune.py's Ray Train loop; inprocess: the same loop step "
+                        "(raylib.ray_train.loop.training_step) without Ray, for overloaded machines")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dev", type=int, default=0,
                    help="hold out this many train queries as a dev set for tuning (never the test set)")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out).resolve()
+    import torch
+
+    torch.set_num_threads(args.threads)
     timings = {}
     start = time.time()
 
@@ -134,7 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
     train = load_beir(args.data, "train")
     assert test.doc_ids() == train.doc_ids()  # one corpus
     train, dev = split_dev(train, args.dev, args.seed)
-    doc_emb = teacher.encode_dense(test.doc_texts(), kind="document", batch_size=64)
+    cache = out / "minilm_corpus.npy"  # the teacher's corpus encoding, reused by reruns
+    if cache.exists():
+        doc_emb = np.load(cache)
+    else:
+        doc_emb = teacher.encode_dense(test.doc_texts(), kind="document", batch_size=64)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, doc_emb)
     before = dense_ndcg(teacher, test, doc_emb)
     dev_before = dense_ndcg(teacher, dev, doc_emb) if args.dev else None
     timings["encode_corpus_and_eval_before_s"] = round(time.time() - start, 1)
@@ -170,7 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     cfg = load_config(FinetuneJobConfig, "jobs/configs/finetune/debug.yaml", overrides)
     t = time.time()
-    summary = fit(cfg, make_objective)
+    if args.trainer == "ray":
+        summary = fit(cfg, make_objective)
+    else:
+        summary = train_in_process(cfg, out / "inprocess")
     timings["finetune_s"] = round(time.time() - t, 1)
     t = time.time()
     tuned = Encoder.from_pretrained(summary["checkpoint"], device="cpu")

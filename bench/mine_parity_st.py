@@ -1,12 +1,20 @@
 """Parity of our mining job with sentence-transformers' `mine_hard_negatives` on SciFact train.
 
-  python bench/mine_parity_st.py [--data ../shared/data/scifact] [--k 50] [--n 10] [--ratio 0.95]
+  python bench/mine_parity_st.py [--k 50] [--n 10] [--ratio 0.95] [--corpus-limit M] [--max-length L]
+  python bench/mine_parity_st.py --job      # end to end: our Ray job vs ST embedding on its own
 
-Ours: jobs/mine.py (Ray Data, BEIR input, minilm teacher, strategy topk_percpos, max_pos_ratio,
-pos_reference min, candidates = K + max positives per query, too_few pad so partial sets survive).
-Peer: mine_hard_negatives(relative_margin = 1 - ratio, range_max=K, num_negatives=N,
-sampling_strategy="top", corpus=the SciFact corpus, use_faiss=True, output_format="triplet").
-Prints the per-query agreement of the negative sets (the last line is JSON).
+Default mode (shared embeddings): minilm embeds the queries and corpus once (raylib Encoder, the
+same vectors sentence-transformers computes: checked to 6e-8 on the tiny model in
+tests/test_mining.py); they are written into ST's own `cache_folder` format, so ST's
+mine_hard_negatives runs its unchanged selection code on them, and ours runs the code the job's
+actors run (KeyedIndex shards of 2000 docs, merge_topk, select_negatives). `--job` instead runs
+jobs/mine.py on Ray (BEIR input) and lets ST embed by itself (2 full minilm passes over the corpus:
+about an hour of CPU on 2 cores). `--corpus-limit M` keeps every train positive plus the first M
+other documents; `--max-length` truncates on both sides.
+Ours: strategy topk_percpos, max_pos_ratio, pos_reference min, candidates = K + max positives per
+query, too_few pad (so partial sets survive). Peer: mine_hard_negatives(relative_margin = 1 - ratio,
+range_max=K, num_negatives=N, sampling_strategy="top", corpus=..., use_faiss=True,
+output_format="triplet"). Prints the per-query agreement of the negative sets (last line JSON).
 
 Semantics matched (read from sentence_transformers/util/hard_negatives.py, v6.2):
 - ST retrieves range_max + max_positives candidates (max over all queries), masks every positive of
@@ -87,43 +95,119 @@ def run_ours(data_dir: str, k: int, n: int, ratio: float, max_pos: int, out: Pat
     return sets, summary
 
 
+def pairs_of(data) -> tuple[list[str], list[str]]:
+    queries, docs = [], []
+    for qid, rel in data.qrels.items():
+        for did, grade in rel.items():
+            if grade > 0 and qid in data.queries and did in data.corpus:
+                queries.append(data.queries[qid])
+                docs.append(document_text(data.corpus[did]))
+    return queries, docs
+
+
+def shared_embeddings(data, k: int, n: int, ratio: float, max_pos: int, max_length: int | None,
+                      cache: Path) -> tuple[dict, dict, float]:
+    """Embed once; run ST's selection (via its cache_folder) and ours on the same vectors."""
+    import hashlib
+
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    from raylib import mining as M
+    from raylib.model import Encoder, resolve_model_path
+
+    torch.set_num_threads(2)
+    queries, docs = pairs_of(data)
+    corpus = [document_text(d) for d in data.corpus.values()]
+    st_corpus = list(dict.fromkeys(corpus + docs))          # ST: corpus + positives, deduplicated
+    st_queries = list(dict.fromkeys(queries))
+    st = SentenceTransformer(str(resolve_model_path("minilm")), device="cpu")
+    if max_length:
+        st.max_seq_length = max_length
+    enc = Encoder.from_pretrained("minilm")
+    start = time.time()
+    d_emb = enc.encode_dense(st_corpus, "document", batch_size=64, max_length=max_length, show_progress=True)
+    q_emb = enc.encode_dense(st_queries, "query", batch_size=64, max_length=max_length)
+    embed_s = time.time() - start
+    name = st.model_card_data.base_model or ""
+    for texts, emb, kind in ((st_queries, q_emb, "query"), (st_corpus, d_emb, "corpus")):
+        h = hashlib.sha256(repr((name, None, None, texts)).encode(), usedforsecurity=False).hexdigest()
+        np.save(cache / f"{kind}_embeddings_{h}.npy", emb)
+    mined = mine_hard_negatives(Dataset.from_dict({"query": queries, "answer": docs}), st, corpus=corpus,
+                                relative_margin=round(1 - ratio, 10), range_max=k, num_negatives=n,
+                                sampling_strategy="top", use_faiss=True, output_format="triplet",
+                                cache_folder=str(cache), verbose=True)
+    st_sets: dict[str, set] = {q: set() for q in st_queries}
+    for row in mined:
+        st_sets[row["query"]].add(row["negative"])
+
+    pos_of: dict[str, list[str]] = {q: [] for q in st_queries}
+    for q, d in zip(queries, docs):
+        pos_of[q].append(d)
+    rule = M.NegativeRule(num_negatives=n, max_pos_ratio=ratio, too_few="pad", pos_reference="min")
+    d_keys = M.text_keys(st_corpus)
+    sel, _, _ = M.mine_in_memory(q_emb, M.text_keys(st_queries), M.text_keys([pos_of[q][0] for q in st_queries]),
+                                 [M.text_keys(pos_of[q]) for q in st_queries], d_emb, d_keys, rule,
+                                 candidates=k + max_pos, max_docs_per_shard=2000)
+    text_of = dict(zip(d_keys.tolist(), st_corpus))
+    ours = {q: {text_of[x] for x in sel.neg_ids[i] if x >= 0} for i, q in enumerate(st_queries)}
+    return st_sets, ours, embed_s
+
+
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/scifact"))
     p.add_argument("--k", type=int, default=50, help="ST range_max")
     p.add_argument("--n", type=int, default=10, help="num_negatives")
     p.add_argument("--ratio", type=float, default=0.95, help="max_pos_ratio = 1 - relative_margin")
+    p.add_argument("--corpus-limit", type=int, default=None, help="train positives + this many other docs (default mode only)")
+    p.add_argument("--max-length", type=int, default=None, help="teacher max tokens (both sides)")
+    p.add_argument("--job", action="store_true", help="end to end: Ray job vs ST embedding by itself")
     args = p.parse_args()
     data = load_beir(args.data, "train")
+    if args.corpus_limit is not None:
+        keep = {d for rel in data.qrels.values() for d, g in rel.items() if g > 0}
+        others = [d for d in data.corpus if d not in keep][:args.corpus_limit]
+        data.corpus = {d: v for d, v in data.corpus.items() if d in keep or d in set(others)}
     max_pos = max(sum(1 for g in rel.values() if g > 0) for rel in data.qrels.values())
     print(f"SciFact train: {len(data.queries)} queries, {sum(len(r) for r in data.qrels.values())} "
           f"qrels, corpus {len(data.corpus)}, max positives per query {max_pos}", file=sys.stderr)
+    timing: dict = {}
+    summary = None
+    if args.job:
+        import ray
 
-    import ray
-
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.time()
-        ours, summary = run_ours(args.data, args.k, args.n, args.ratio, max_pos, Path(tmp) / "mined")
-        ours_s = time.time() - start
-    ray.shutdown()
-    st, st_s = run_st(data, args.k, args.n, args.ratio)
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.time()
+            ours, summary = run_ours(args.data, args.k, args.n, args.ratio, max_pos, Path(tmp) / "mined")
+            timing["seconds_ours_job"] = round(time.time() - start, 1)
+        ray.shutdown()
+        st, timing["seconds_st"] = run_st(data, args.k, args.n, args.ratio)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            st, ours, timing["seconds_embedding"] = shared_embeddings(
+                data, args.k, args.n, args.ratio, max_pos, args.max_length, Path(tmp))
 
     queries = sorted(set(st) | set(ours))
     same = [q for q in queries if st.get(q, set()) == ours.get(q, set())]
-    jacc = [len(st.get(q, set()) & ours.get(q, set())) / max(1, len(st.get(q, set()) | ours.get(q, set())))
-            for q in queries]
+    jacc = [len(st.get(q, set()) & ours.get(q, set())) / len(st.get(q, set()) | ours.get(q, set()))
+            if st.get(q) or ours.get(q) else 1.0 for q in queries]
     diff = [q for q in queries if q not in set(same)]
     for q in diff[:10]:
         a, b = st.get(q, set()), ours.get(q, set())
         print(f"DIFF {q[:60]!r}: st {len(a)} ours {len(b)} common {len(a & b)}", file=sys.stderr)
-    result = {"bench": "mine_parity_st", "queries": len(queries), "identical_sets": len(same),
+    result = {"bench": "mine_parity_st", "mode": "job" if args.job else "shared_embeddings",
+              "queries": len(queries), "corpus": len(data.corpus), "identical_sets": len(same),
               "agreement": round(len(same) / len(queries), 4), "mean_jaccard": round(float(np.mean(jacc)), 4),
               "negatives_ours": sum(len(v) for v in ours.values()),
               "negatives_st": sum(len(v) for v in st.values()),
+              "queries_with_no_negative": sum(1 for q in queries if not ours.get(q)),
               "k": args.k, "n": args.n, "max_pos_ratio": args.ratio, "candidates_ours": args.k + max_pos,
-              "seconds_ours_job": round(ours_s, 1), "seconds_st": round(st_s, 1),
-              "ours_counts": summary["counts"]}
+              "max_length": args.max_length, **{k: round(v, 1) for k, v in timing.items()},
+              "ours_counts": summary["counts"] if summary else None}
     print(json.dumps(result))
     return result
 

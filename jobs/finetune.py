@@ -24,15 +24,46 @@ from raylib.ray_train.finetune_objective import FinetuneJobConfig, make_objectiv
 from raylib.ray_train.loop import fit, print_summary  # noqa: E402
 
 
+def apply_length_grouping(cfg: FinetuneJobConfig) -> dict:
+    """Tag every row's source with its length bucket (M3 §3.4) and point data.paths at the tagged
+    copy (<run dir>/length_grouped.parquet). Reads the (finetuning-sized) input on the driver."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raylib.batching import bucket_sources
+    from raylib.ray_train.finetune_objective import group_lengths
+    from raylib.ray_train.loop import load_encoder, run_dir
+
+    if cfg.data.format != "parquet":
+        raise ValueError("length_grouping needs data.format: parquet (the mining job's output)")
+    table = pa.concat_tables([pq.read_table(p) for p in cfg.data.paths])
+    rows = table.to_pydict()
+    encoder = load_encoder(cfg.model, cfg.train.seed)
+    lengths = group_lengths(encoder, rows, cfg.objective.num_negatives, cfg.objective.document_max_length)
+    sources = bucket_sources([str(s) for s in rows["source"]], lengths, cfg.length_grouping.bounds)
+    table = table.set_column(table.column_names.index("source"), "source", pa.array(sources))
+    out = run_dir(cfg) / "length_grouped.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out)
+    cfg.data.paths = [str(out)]
+    counts: dict[str, int] = {}
+    for s in sources:
+        counts[s] = counts.get(s, 0) + 1
+    return {"path": str(out), "rows_per_source_bucket": counts}
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_job_args(FinetuneJobConfig, __doc__.split("\n")[0], argv)
     if cfg.objective.mode == "m3" and cfg.model.name_or_path == "tiny" and not cfg.model.tiny.get("m3_heads"):
         raise SystemExit("config error: objective.mode=m3 needs a model with M3 heads "
                          "(model.tiny.m3_heads: true, or a BGE-M3 directory)")
     try:
+        grouping = apply_length_grouping(cfg) if cfg.length_grouping.bounds else None
         summary = fit(cfg, make_objective)
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
+    if grouping is not None:
+        summary["length_grouping"] = grouping
     print_summary(summary)
     return summary
 

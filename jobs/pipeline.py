@@ -4,8 +4,8 @@
   python jobs/pipeline.py --config jobs/configs/pipeline/local.yaml [--set finetune.enabled=false]
 
 Each stage is the stage's own job (`jobs/<stage>.py --config ... --set ...`) run as a child
-process, so a stage behaves exactly as when run alone or under `ray job submit`. A stage whose
-output already exists is skipped (the pipeline resumes where it stopped). Stage settings may use
+process, so a stage behaves exactly as when run alone or under `ray job submit`. A stage that
+finished before is skipped (the pipeline resumes where it stopped). Stage settings may use
 the placeholders {workdir}, {model}, {pairs}, {filtered}, {mined}, {pretrained}, {base},
 {finetuned}, {eval_data}. The last stdout line is one JSON summary.
 """
@@ -39,7 +39,7 @@ class StageConfig:
     enabled: bool = True
     config: str = ""                 # the stage job's YAML
     set: list[str] = field(default_factory=list)  # --set overrides (placeholders allowed)
-    output: str = ""                 # the stage's output; the stage is skipped if it exists
+    output: str = ""                 # the stage's output path; "" = the checkpoint it reports
 
 
 @dataclass
@@ -86,19 +86,27 @@ def run_job(name: str, args: list[str], log_dir: Path) -> dict:
         raise SystemExit(f"[pipeline] stage {name} printed no JSON summary") from None
 
 
-def run_stage(name: str, stage: StageConfig, paths: dict, log_dir: Path) -> dict:
-    """Run one job stage unless its output exists; returns its summary (or a 'skipped' record)."""
-    output = Path(stage.output.format(**paths))
-    if output.exists():
-        print(f"[pipeline] {name}: {output} exists, skipped", file=sys.stderr, flush=True)
-        return {"skipped": True, "output": str(output)}
+def run_stage(name: str, stage: StageConfig, paths: dict, workdir: Path) -> tuple[dict, str]:
+    """Run one job stage unless it already succeeded; returns (summary, output path).
+
+    Success is recorded in {workdir}/stages/<name>.json, so a re-run skips finished stages.
+    A stage's output is `stage.output` when set, else the checkpoint its summary names.
+    """
+    marker = workdir / "stages" / f"{name}.json"
+    if marker.exists():
+        record = json.loads(marker.read_text())
+        print(f"[pipeline] {name}: done before ({marker}), skipped", file=sys.stderr, flush=True)
+        return {**record["summary"], "skipped": True}, record["output"]
     args = ["--config", str(ROOT / stage.config)]
     for item in stage.set:
         args += ["--set", item.format(**paths)]
-    summary = run_job(name, args, log_dir)
-    if not output.exists():
-        raise SystemExit(f"[pipeline] stage {name} finished but wrote no {output}")
-    return summary
+    summary = run_job(name, args, workdir / "logs")
+    output = stage.output.format(**paths) if stage.output else summary.get("checkpoint")
+    if not output or not Path(output).exists():
+        raise SystemExit(f"[pipeline] stage {name} finished but its output {output!r} does not exist")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"summary": summary, "output": str(output)}, default=str))
+    return summary, str(output)
 
 
 def evaluate(model: str, paths: dict, cfg: EvaluateConfig, split: str, log_dir: Path, tag: str) -> dict:
@@ -117,7 +125,7 @@ def serve_and_query(model: str, cfg: ServeConfig) -> dict:
     import ray
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import app as build_app
 
     ray.init(runtime_env={"working_dir": str(ROOT), "excludes": ["runs/", ".venv/", ".git/"]},
              num_cpus=max(os.cpu_count() or 2, 4), include_dashboard=False, log_to_driver=False)
@@ -157,14 +165,12 @@ def main() -> dict:
         from raylib.demo_data import build_demo_data
 
         summary["stages"]["data"] = build_demo_data(Path(paths["pairs"]).parent)
-    for name in ("filter", "mine", "pretrain", "finetune"):
+    keys = {"filter": "filtered", "mine": "mined", "pretrain": "pretrained", "finetune": "finetuned"}
+    for name, key in keys.items():
         stage: StageConfig = getattr(cfg, name)
         paths["base"] = paths.get("pretrained", cfg.model)
-        key = {"filter": "filtered", "mine": "mined", "pretrain": "pretrained", "finetune": "finetuned"}[name]
-        if not stage.enabled:
-            continue
-        summary["stages"][name] = run_stage(name, stage, paths, log_dir)
-        paths[key] = stage.output.format(**paths)
+        if stage.enabled:
+            summary["stages"][name], paths[key] = run_stage(name, stage, paths, workdir)
     final_model = paths.get("finetuned", paths.get("pretrained", cfg.model))
     if cfg.evaluate.enabled:
         before = evaluate(cfg.model, paths, cfg.evaluate, cfg.data.eval_split, log_dir, "before")

@@ -76,6 +76,14 @@ def write_synthetic(cfg: PretrainConfig) -> None:
     pq.write_table(synthetic_pairs(cfg.synthetic.rows, cfg.synthetic.sources, cfg.synthetic.seed), path)
 
 
+if __name__ != "__main__":
+    # imported (by tests or jobs/finetune.py) rather than run: Ray workers cannot import a job file
+    # by module name, so its config classes and objective factory travel by value.
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_job_args(PretrainConfig, __doc__.split("\n")[0], argv)
     write_synthetic(cfg)

@@ -101,3 +101,12 @@ def length_grouped_schedule(lengths: Sequence[int], buckets: Sequence[LengthBuck
                                                for r in range(world_size)]))
     order = rng.permutation(len(steps))
     return Schedule(steps=[steps[i] for i in order], bucket_counts=counts, dropped=sorted(dropped))
+
+
+def bucket_sources(sources: Sequence[str], lengths: Sequence[int], bounds: Sequence[int]) -> list[str]:
+    """Tag each row's batch source with its length bucket (`<source>#len<=<bound>`), so a data plan
+    that draws every global batch from one source draws it from one bucket, on every rank."""
+    buckets = [LengthBucket(int(b), 1) for b in bounds]
+    which = assign_buckets(lengths, buckets)
+    ordered = check_buckets(buckets)
+    return [f"{s}#len<={ordered[k].max_length}" for s, k in zip(sources, which)]

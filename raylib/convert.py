@@ -10,8 +10,8 @@ The package's `e5-small-q4.bin` (layout read by its e5.c, little endian):
             w = (q - 8) * d. Matrices are row-major [out, in] like nn.Linear.weight.
 We dequantize with NumPy and write a standard HF BertModel dir with a `tokenizers` Unigram
 tokenizer (the .bin's vocabulary and scores; NFC, then its per-codepoint normalization map
-compiled into a SentencePiece `Precompiled` charsmap, strip + collapse spaces; Metaspace pre-tokenization; `<s> $A </s>`), plus
-raylib settings: mean pooling, normalized, prefixes "query: " / "passage: ".
+compiled into a SentencePiece `Precompiled` charsmap, strip + collapse spaces; Metaspace
+pre-tokenization; `<s> $A </s>`), plus raylib settings: mean pooling, normalized, prefixes "query: " / "passage: ".
 """
 
 from __future__ import annotations
@@ -164,6 +164,7 @@ def read_e5_bin(path: str | os.PathLike, load_tensors: bool = True) -> E5Bin:
     out = E5Bin(version, H, NL, NH, FF, VOC, MAXP, TVS, eps, pieces, scores, bos, eos, pad, unk,
                 norm_map)
     (n_dir,) = r.unpack("i")
+    seen: set[str] = set()
     for _ in range(n_dir):
         (name_len,) = r.unpack("H")
         name = bytes(r.take(name_len)).decode("utf-8")
@@ -171,6 +172,9 @@ def read_e5_bin(path: str | os.PathLike, load_tensors: bool = True) -> E5Bin:
         expected = 4 * n if dtype == DTYPE_F32 else n // QK * Q4_BLOCK.itemsize
         if dtype not in (DTYPE_F32, DTYPE_Q4_0) or nbytes != expected:
             raise ValueError(f"{path}: tensor {name}: dtype {dtype} with {nbytes} bytes for {n}")
+        if name in seen:
+            raise ValueError(f"{path}: tensor {name} appears twice in the directory")
+        seen.add(name)
         if offset + nbytes > len(data):
             raise ValueError(f"{path}: tensor {name} runs past the end of the file")
         if not load_tensors:
@@ -220,7 +224,8 @@ def bert_config(b: E5Bin):
 
     return BertConfig(vocab_size=b.vocab_size, hidden_size=b.hidden_size,
                       num_hidden_layers=b.num_layers, num_attention_heads=b.num_heads,
-                      intermediate_size=b.intermediate_size, max_position_embeddings=b.max_positions,
+                      intermediate_size=b.intermediate_size,
+                      max_position_embeddings=b.max_positions,
                       type_vocab_size=b.type_vocab_size, layer_norm_eps=b.eps, hidden_act="gelu",
                       pad_token_id=b.pad_id, bos_token_id=b.bos_id, eos_token_id=b.eos_id,
                       hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
@@ -270,7 +275,8 @@ def special_ids(b: E5Bin) -> dict[str, int]:
 def build_tokenizer(b: E5Bin, charsmap: bytes | None = None):
     """A PreTrainedTokenizerFast: Unigram(vocab, scores) + NFC + Precompiled(.bin norm map) + strip
     and collapse spaces + Metaspace("▁", prepend always) + `<s> $A </s>` (XLM-R layout)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                            processors)
     from transformers import PreTrainedTokenizerFast
 
     charsmap = compile_charsmap(b.norm_map) if charsmap is None else charsmap

@@ -18,6 +18,7 @@ requests (`ingress_max_ongoing_requests`, same 503); Serve's own proxy-level lim
 import asyncio
 import base64
 import collections
+import hmac
 import logging
 import math
 import os
@@ -295,12 +296,14 @@ async def _auth_limits_metrics(request: Request, call_next):
         path = path[len(root):] or "/"
     route = path if path in ROUTES else "other"
     ingress = _INGRESS.get("replica")
-    if ingress is None:  # not yet initialized
-        return await call_next(request)
+    if ingress is None:  # not initialized yet: fail closed
+        return error_response(503, "Server starting.", None, "starting", type="server_overloaded",
+                              headers={"Retry-After": "1"})
     if ingress.api_key and path != "/health":
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != ingress.api_key:
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                  ingress.api_key.encode()):
             response = error_response(401, "Missing or invalid API key: send 'Authorization: "
                                            "Bearer <key>'.", None, "invalid_api_key",
                                       headers={"WWW-Authenticate": "Bearer"})

@@ -45,8 +45,6 @@ class ServeArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
-        if self.max_ongoing_requests < 1:
-            raise ValueError("max_ongoing_requests must be >= 1")
         if self.autoscaling and self.autoscaling.min_replicas > self.autoscaling.max_replicas:
             raise ValueError("autoscaling.min_replicas must be <= autoscaling.max_replicas")
         return self

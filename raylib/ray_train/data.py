@@ -157,6 +157,9 @@ def read_pairs(paths: list[str], fmt: str = "parquet") -> pa.Table:
         ds = ray.data.read_json(paths)
     else:
         raise ValueError(f"data.format must be parquet or json, got {fmt!r}")
+    # a plain read cannot deadlock; on a loaded host its first task may just take minutes to start
+    if 0 < ds.context.execution_no_progress_timeout_s < 600:
+        ds.context.execution_no_progress_timeout_s = 600
     blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     if not blocks:
         raise ValueError(f"no rows in {paths}")

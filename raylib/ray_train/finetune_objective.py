@@ -210,10 +210,29 @@ def _own(q: torch.Tensor, d: torch.Tensor, group_size: int, offset: int) -> torc
 
 
 @dataclass
+class LengthGroupingSection:
+    """M3 §3.4 length grouping: bucket upper bounds in tokens (empty: off). A row's length is the
+    longest of its documents; its source becomes `<source>#len<=<bound>`, so each global batch,
+    split over the ranks, comes from one bucket. One global batch size for all buckets (the
+    shared data plan has one); raylib.batching.length_grouped_schedule has per-bucket sizes."""
+
+    bounds: list[int] = field(default_factory=list)
+
+
+def group_lengths(model: Encoder, rows: dict[str, list], num_negatives: int, max_length: int) -> list[int]:
+    """Token length of each row's longest document (positive + first num_negatives negatives)."""
+    groups = select_groups(rows, num_negatives)
+    g = 1 + num_negatives
+    lengths = model.tokenize(groups.documents, "document", max_length, padding=False)["input_ids"]
+    return [max(len(t) for t in lengths[i * g:(i + 1) * g]) for i in range(len(rows["query"]))]
+
+
+@dataclass
 class FinetuneJobConfig(TrainJobConfig):
     """jobs/finetune.py's config: the training loop's sections + the finetuning objective."""
 
     objective: FinetuneObjective = field(default_factory=FinetuneObjective)
+    length_grouping: LengthGroupingSection = field(default_factory=LengthGroupingSection)
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(name="finetune"))
 
 

@@ -70,6 +70,7 @@ class TrainSection:
     grad_cache_chunk: int = 0   # rows per chunk for gradient caching; 0 = one plain forward/backward
     bf16: bool = True           # autocast on GPU (no effect on CPU)
     seed: int = 0               # weights of a tiny model, dropout
+    torch_threads: int = 0      # torch.set_num_threads in each worker (0: Ray's default)
     log_every: int = 1
     peak_tflops: float = 989.0  # per GPU, for the MFU estimate (H100 SXM dense bf16)
     fail_at_step: int = -1      # test switch: raise once in rank 0 at this step (worker failure)
@@ -240,6 +241,8 @@ def train_worker(config: dict) -> None:
     out_dir = Path(config["run_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
     torch.manual_seed(t.seed)
     encoder = load_encoder(cfg.model, t.seed)
     if cfg.model.activation_checkpointing:
