@@ -69,6 +69,34 @@ def write_jsonl(rows: list[dict], path: Path, bad_rows: bool = False) -> None:
             f.write(b"not json\n")
 
 
+def in_process(rows: list[dict], args) -> dict:
+    """The same filter with the pure functions (heuristics, dedupe, consistency_ranks), no Ray."""
+    import numpy as np
+    import torch
+
+    from raylib.filters import HeuristicConfig, consistency_ranks, document_keys, heuristic_reasons
+    from raylib.model import Encoder
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    reasons = heuristic_reasons([r["query"] for r in rows], [r["document"] for r in rows], HeuristicConfig())
+    keep = [r for r, why in zip(rows, reasons) if why is None]
+    enc = Encoder.from_pretrained(args.model, device="cpu")
+    q = enc.encode_dense([r["query"] for r in keep], "query", max_length=32)
+    d = enc.encode_dense([r["document"] for r in keep], "document", max_length=256)
+    ranks = consistency_ranks(q, d, document_keys([r["document"] for r in keep]), args.top_k)
+    kept = [r["planted"] for r, k in zip(keep, ranks) if k <= args.top_k]
+    n_true = sum(r["planted"] == "true" for r in rows)
+    n_swapped = len(rows) - n_true
+    result = {"mode": "in-process (no Ray)", "pairs": len(rows),
+              "kept_true_pct": round(100 * kept.count("true") / n_true, 2),
+              "dropped_swapped_pct": round(100 * (n_swapped - kept.count("swapped")) / n_swapped, 2),
+              "median_rank_true": float(np.median([k for r, k in zip(keep, ranks) if r["planted"] == "true"])),
+              "seconds": round(time.perf_counter() - start, 1)}
+    print(json.dumps(result))
+    return result
+
+
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/scifact"))
@@ -80,6 +108,8 @@ def main() -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch threads per embedding actor")
     p.add_argument("--workdir", default=None)
     p.add_argument("--write-only", metavar="PATH", help="only write the planted JSONL (+3 bad rows)")
+    p.add_argument("--no-ray", action="store_true",
+                   help="same check with raylib.filters in this process (no Ray): a reference")
     args = p.parse_args()
 
     rows = planted_pairs(args.data, args.swap, args.seed)
@@ -87,6 +117,9 @@ def main() -> dict:
         write_jsonl(rows, Path(args.write_only), bad_rows=True)
         print(json.dumps({"written": str(args.write_only), "pairs": len(rows)}))
         return {}
+
+    if args.no_ray:
+        return in_process(rows, args)
 
     from jobs.filter import FilterConfig, run
     from raylib.config import load_config

@@ -217,3 +217,26 @@ def test_finetune_job_two_workers_cross_worker_m3_equals_one_batch(tmp_path, ray
     objective.negatives = "in_batch"
     loss, _ = objective.loss(reps, feats, batch)
     assert abs(float(loss) - first["loss"]) < 1e-4, (float(loss), first["loss"])
+
+
+def test_length_grouping_tags_sources_by_bucket(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jobs.finetune import apply_length_grouping
+    from raylib.config import load_config
+    from raylib.ray_train.finetune_objective import FinetuneJobConfig
+
+    rows = _synthetic(6, 4)
+    rows["positive"][2] = " ".join(["cat"] * 40)  # one long group
+    data = _write_mined(tmp_path / "mined.parquet", rows)
+    cfg = load_config(FinetuneJobConfig, "jobs/configs/finetune/debug.yaml",
+                      [f"data.paths=[{data}]", f"checkpoint.storage_path={tmp_path}",
+                       "length_grouping.bounds=[16, 64]"])
+    info = apply_length_grouping(cfg)
+    tagged = pq.read_table(cfg.data.paths[0]).to_pydict()
+    assert tagged["source"][2] == "synthetic#len<=64"
+    assert all(s == "synthetic#len<=16" for i, s in enumerate(tagged["source"]) if i != 2)
+    assert info["rows_per_source_bucket"] == {"synthetic#len<=16": 5, "synthetic#len<=64": 1}
+    assert tagged["query"] == rows["query"]  # nothing else changes, no row lost

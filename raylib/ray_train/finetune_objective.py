@@ -80,7 +80,7 @@ def select_groups(rows: dict[str, list], num_negatives: int) -> Groups:
     return Groups(docs, teacher, mined, filled)
 
 
-def _gather_padded_free(x: torch.Tensor) -> torch.Tensor:
+def _gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """all_gather without gradient (token ids, masks): [b, ...] -> [W*b, ...]."""
     _, size = world()
     if size == 1:
@@ -157,7 +157,7 @@ class FinetuneObjective:
         in_batch = self.negatives != "hard"
         offset = 0
         if self.negatives == "cross_worker":
-            d = {k: (all_gather_with_grad(v) if v.is_floating_point() else _gather_padded_free(v))
+            d = {k: (all_gather_with_grad(v) if v.is_floating_point() else _gather_no_grad(v))
                  for k, v in d.items()}
             offset = all_gather_offset(b)
         metrics: dict[str, float] = {"filled_negatives": float(groups.filled)}
