@@ -169,7 +169,6 @@ def main() -> dict:
     args = p.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
 
-    import ray
 
     from jobs.filter import FilterConfig, init_local_ray, run
     from raylib.config import load_config

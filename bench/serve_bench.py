@@ -8,7 +8,11 @@ same model directory on the same cores. Optional --load: the issue's bounded loa
 infinity-emb pins numpy<2 and an older huggingface_hub than transformers 5 needs, so it lives
 in its own venv (--infinity-venv, default /work/infinity-venv: a venv whose .pth adds this
 project's site-packages, with infinity-emb[server] installed and its numpy/huggingface_hub
-downgrades removed). If it cannot start, the reason is printed. Last stdout line: one JSON object.
+downgrades removed). If it cannot start, the reason is printed. Status on this machine
+(2026-11-23): infinity-emb 0.0.78 calls BertTokenizer.batch_encode_plus, which transformers 5 (the
+project's pin) removed; pinning transformers 4.57 + huggingface_hub 0.36 in the side venv then
+breaks on the project's sentence-transformers 6 / datasets, so it needs a fully separate venv
+(own torch) that was not built here. Last stdout line: one JSON object.
 """
 
 import argparse
@@ -16,7 +20,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys

@@ -15,7 +15,6 @@ pairs. See raylib/ray_data/consistency.py for the sharding and memory design.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -67,30 +66,9 @@ class FilterConfig:
 
 
 def _init_ray(cfg: FilterConfig) -> None:
-    import ray
+    from raylib.ray_env import init_ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):  # under `ray job submit` or an explicit cluster
-        ray.init()
-        return
-    init_local_ray(cfg.local_num_cpus)
-
-
-def init_local_ray(num_cpus: int, attempts: int = 3) -> None:
-    """Start a local Ray; retried because raylet start-up has a fixed 30 s limit that a
-    heavily loaded machine can exceed."""
-    import ray
-
-    for attempt in range(attempts):
-        try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
-            return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
-            if "timed out during startup" not in str(e) or attempt == attempts - 1:
-                raise
-            _log(f"ray.init timed out, retrying ({e})")
-            ray.shutdown()
+    init_ray(cfg.local_num_cpus)
 
 
 def _log(msg: str) -> None:

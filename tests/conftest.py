@@ -36,9 +36,9 @@ def ray_session(tmp_path_factory):
     import ray
     from ray.data import DataContext
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}})
+    from raylib.ray_env import init_ray
+
+    init_ray(num_cpus=8, log_to_driver=False)
     DataContext.get_current().execution_no_progress_timeout_s = 120
     yield ray
     ray.shutdown()

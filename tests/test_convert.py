@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from raylib import convert
 from raylib.convert import read_e5_bin

@@ -48,6 +48,19 @@ def inputs(tmp_path_factory):
     return root, good, corpus
 
 
+@pytest.fixture
+def patient_data_context(ray_session):
+    """Worker start-up alone took 60-120 s when six sessions shared these 2 cores: allow 300 s
+    without progress (still fails a real deadlock), then restore the session's value."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    old = ctx.execution_no_progress_timeout_s
+    ctx.execution_no_progress_timeout_s = 300
+    yield ray_session
+    ctx.execution_no_progress_timeout_s = old
+
+
 def _reference(model_dir, good, corpus, ratio, n_neg, k):
     from raylib.model import Encoder
 
@@ -69,7 +82,7 @@ def _reference(model_dir, good, corpus, ratio, n_neg, k):
     return out, pos_of
 
 
-def test_mine_job_pairs_sharded_matches_reference(ray_session, mean_dir, inputs, tmp_path, capsys):
+def test_mine_job_pairs_sharded_matches_reference(patient_data_context, mean_dir, inputs, tmp_path, capsys):
     import sys
     from pathlib import Path
 
@@ -118,7 +131,7 @@ def test_mine_job_pairs_sharded_matches_reference(ray_session, mean_dir, inputs,
 
 
 @pytest.mark.slow
-def test_mine_job_beir_rank_window_curriculum_pad(ray_session, mean_dir, tmp_path):
+def test_mine_job_beir_rank_window_curriculum_pad(patient_data_context, mean_dir, tmp_path):
     """BEIR input (qrels -> pairs, unknown ids rejected), M3's rank window, padding, margin order."""
     import sys
     from pathlib import Path

@@ -18,7 +18,7 @@ source in the object store; each worker takes its rows of each step from there.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 

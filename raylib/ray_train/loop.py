@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -361,25 +360,9 @@ def progress_line(record: dict, total_steps: int) -> str:
 # ----------------------------------------------------------------------------- the driver
 def init_ray(s: ScalingSection) -> None:
     """Connect to the configured or running cluster, else start a local Ray with ray_num_cpus tokens."""
-    import ray
+    from raylib.ray_env import init_ray as _init
 
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "RAY_AUTH_MODE", "TOKENIZERS_PARALLELISM")
-                        if k in os.environ}}
-    if s.ray_address:
-        ray.init(address=s.ray_address, runtime_env=env)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env)
-    else:
-        for attempt in range(3):  # a local start times out (30 s, fixed in Ray) on an overloaded host
-            try:
-                ray.init(num_cpus=s.ray_num_cpus, include_dashboard=False, runtime_env=env)
-                return
-            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
-                if "timed out during startup" not in str(e) or attempt == 2:
-                    raise
-                ray.shutdown()
+    _init(s.ray_num_cpus, s.ray_address or None)
 
 
 def fit(cfg: TrainJobConfig, objective_factory: ObjectiveFactory) -> dict:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
 from raylib.losses.gather import all_gather_offset, all_gather_with_grad
 from raylib.losses.infonce import info_nce
