@@ -495,14 +495,9 @@ def _keep_with_key(batch: pa.Table) -> pa.Table:
 
 def ray_init_for_job(num_cpus: int | None) -> None:
     """Connect to a running cluster (RAY_ADDRESS, `ray job submit`) or start a local one."""
-    import os
+    from raylib.ray_env import init_ray
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
