@@ -131,8 +131,11 @@ def serve_and_query(model: str, cfg: ServeConfig) -> dict:
              num_cpus=max(os.cpu_count() or 2, 4), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
     serve.run(build_app({"model": model}), name="raylib", route_prefix="/")
-    url = f"http://127.0.0.1:{cfg.port}/v1/embeddings"
-    body = json.dumps({"input": ["How do I parse a JSON string?"], "model": "raylib"}).encode()
+    base = f"http://127.0.0.1:{cfg.port}"
+    with urllib.request.urlopen(f"{base}/v1/models", timeout=120) as response:
+        served_name = json.loads(response.read())["data"][0]["id"]
+    url = f"{base}/v1/embeddings"
+    body = json.dumps({"input": ["How do I parse a JSON string?"], "model": served_name}).encode()
     request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         answer = json.loads(response.read())
