@@ -80,10 +80,13 @@ def run_job(name: str, args: list[str], log_dir: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"[pipeline] stage {name} failed (exit {proc.returncode}); "
                          f"stdout in {log_dir / (name + '.stdout')}")
-    try:
-        return json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise SystemExit(f"[pipeline] stage {name} printed no JSON summary") from None
+    for line in reversed(lines):  # Ray may print worker log lines after the job's summary
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise SystemExit(f"[pipeline] stage {name} printed no JSON summary")
 
 
 def run_stage(name: str, stage: StageConfig, paths: dict, workdir: Path) -> tuple[dict, str]:
