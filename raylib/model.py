@@ -117,7 +117,6 @@ def _write_sentence_transformers_files(path: Path, settings: EncoderSettings) ->
         (path / "2_Normalize").mkdir(exist_ok=True)
     (path / "modules.json").write_text(json.dumps(modules, indent=2))
     (path / "1_Pooling").mkdir(exist_ok=True)
-    return modules
 
 
 class Encoder(nn.Module):
