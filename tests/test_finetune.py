@@ -240,3 +240,21 @@ def test_length_grouping_tags_sources_by_bucket(tmp_path):
     assert all(s == "synthetic#len<=16" for i, s in enumerate(tagged["source"]) if i != 2)
     assert info["rows_per_source_bucket"] == {"synthetic#len<=16": 5, "synthetic#len<=64": 1}
     assert tagged["query"] == rows["query"]  # nothing else changes, no row lost
+
+
+def test_m3_mode_gives_a_dense_checkpoint_fresh_heads(tiny_dir, tmp_path):
+    from raylib.config import load_config
+    from raylib.ray_train.finetune_objective import FinetuneJobConfig
+    from raylib.ray_train.loop import load_encoder
+
+    dense_dir = Encoder.from_pretrained(tiny_dir)
+    dense_dir.sparse_linear = dense_dir.colbert_linear = None  # a dense model, as minilm is
+    path = dense_dir.save_pretrained(tmp_path / "dense")
+    assert not Encoder.from_pretrained(path).has_multivector
+    dense_cfg = load_config(FinetuneJobConfig, None, [f"model.name_or_path={path}", "objective.mode=dense"])
+    assert not load_encoder(dense_cfg.model).has_sparse
+    cfg = load_config(FinetuneJobConfig, None, [f"model.name_or_path={path}", "objective.mode=m3"])
+    encoder = load_encoder(cfg.model, seed=0)
+    assert encoder.has_sparse and encoder.has_multivector
+    out = encoder.encode(["a query"], kind="query", dense=True, sparse=True, multivector=True)
+    assert len(out["sparse"]) == 1 and out["multivector"][0].shape[1] == encoder.hidden_size

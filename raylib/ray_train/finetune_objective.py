@@ -235,6 +235,10 @@ class FinetuneJobConfig(TrainJobConfig):
     length_grouping: LengthGroupingSection = field(default_factory=LengthGroupingSection)
     checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(name="finetune"))
 
+    def __post_init__(self) -> None:
+        if self.objective.mode == "m3":  # M3 mode trains all three heads: a dense model gets new ones
+            self.model.m3_heads = True
+
 
 def make_objective(cfg: FinetuneJobConfig) -> FinetuneObjective:
     """The objective of a finetuning config (top-level: Ray pickles it to the workers)."""

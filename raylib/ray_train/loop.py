@@ -40,6 +40,7 @@ class ModelSection:
     tiny: dict = field(default_factory=dict)         # kwargs of raylib.tiny.tiny_encoder when name is tiny
     activation_checkpointing: bool = False            # backbone.gradient_checkpointing_enable()
     matryoshka_dims: list[int] = field(default_factory=list)  # written into the saved settings
+    m3_heads: bool = False  # attach fresh sparse + multi-vector heads (M3 §3.2) if the checkpoint has none
 
 
 @dataclass
@@ -132,6 +133,8 @@ def load_encoder(section: ModelSection, seed: int = 0) -> Encoder:
         encoder = tiny_encoder(seed=seed, **section.tiny)
     else:
         encoder = Encoder.from_pretrained(section.name_or_path, device="cpu")
+    if section.m3_heads and not encoder.has_multivector:
+        encoder.add_m3_heads(seed=seed)
     if section.matryoshka_dims:
         encoder.settings.matryoshka_dims = list(section.matryoshka_dims)
     return encoder
