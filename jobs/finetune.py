@@ -46,17 +46,16 @@ def apply_length_grouping(cfg: FinetuneJobConfig) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, out)
     cfg.data.paths = [str(out)]
+    cfg.data.source_batch_sizes = {**cfg.data.source_batch_sizes, **cfg.length_grouping.source_batch_sizes()}
     counts: dict[str, int] = {}
     for s in sources:
         counts[s] = counts.get(s, 0) + 1
-    return {"path": str(out), "rows_per_source_bucket": counts}
+    return {"path": str(out), "rows_per_source_bucket": counts,
+            "batch_sizes": cfg.data.source_batch_sizes}
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_job_args(FinetuneJobConfig, __doc__.split("\n")[0], argv)
-    if cfg.objective.mode == "m3" and cfg.model.name_or_path == "tiny" and not cfg.model.tiny.get("m3_heads"):
-        raise SystemExit("config error: objective.mode=m3 needs a model with M3 heads "
-                         "(model.tiny.m3_heads: true, or a BGE-M3 directory)")
     try:
         grouping = apply_length_grouping(cfg) if cfg.length_grouping.bounds else None
         summary = fit(cfg, make_objective)

@@ -233,8 +233,9 @@ def test_length_grouping_tags_sources_by_bucket(tmp_path):
     data = _write_mined(tmp_path / "mined.parquet", rows)
     cfg = load_config(FinetuneJobConfig, "jobs/configs/finetune/debug.yaml",
                       [f"data.paths=[{data}]", f"checkpoint.storage_path={tmp_path}",
-                       "length_grouping.bounds=[16, 64]"])
+                       "length_grouping.bounds=[16, 64]", "length_grouping.batch_sizes=[4, 2]"])
     info = apply_length_grouping(cfg)
+    assert cfg.data.source_batch_sizes == {"#len<=16": 4, "#len<=64": 2} == info["batch_sizes"]
     tagged = pq.read_table(cfg.data.paths[0]).to_pydict()
     assert tagged["source"][2] == "synthetic#len<=64"
     assert all(s == "synthetic#len<=16" for i, s in enumerate(tagged["source"]) if i != 2)

@@ -92,6 +92,32 @@ def test_plan_one_source_per_batch_each_row_once_per_epoch_seeded():
     assert [(s, r["id"]) for s, r in iter_steps(plan, tables, 7, 1)] == full[7:]
 
 
+def test_plan_per_source_batch_sizes():
+    table = synthetic_pairs(300, {"web/en#len<=16": 2.0, "web/en#len<=64": 1.0}, seed=4)
+    tables = split_sources(table)
+    plan = make_plan(tables, global_batch=8, num_workers=2, seed=1, epochs=1,
+                     batch_sizes={"#len<=16": 24})  # shorter texts, larger batches (M3 §3.4)
+    assert plan.sizes == {"web/en#len<=16": 24, "web/en#len<=64": 8}
+    rows_16, rows_64 = (tables[s].num_rows for s in ("web/en#len<=16", "web/en#len<=64"))
+    assert plan.source_batches == {"web/en#len<=16": rows_16 // 24, "web/en#len<=64": rows_64 // 8}
+    assert plan.dropped_rows == rows_16 % 24 + rows_64 % 8
+    seen = Counter()
+    for step in range(plan.total_steps):
+        source, rows = plan.rows_of(step)
+        parts = [plan.rows_of(step, rank)[1] for rank in range(2)]
+        assert len(rows) == plan.sizes[source] and all(len(p) == len(rows) // 2 for p in parts)
+        seen.update(tables[source].take(rows).column("id").to_pylist())
+    assert max(seen.values()) == 1 and sum(seen.values()) == 300 - plan.dropped_rows
+    # without overrides the plan is the single-size plan, step for step
+    same = make_plan(tables, 8, 2, 1, 1, batch_sizes={})
+    plain = make_plan(tables, 8, 2, 1, 1)
+    assert all(np.array_equal(same.rows_of(s)[1], plain.rows_of(s)[1]) for s in range(plain.total_steps))
+    with pytest.raises(ValueError, match="multiple"):
+        make_plan(tables, 8, 2, 1, 1, batch_sizes={"#len<=16": 7})
+    with pytest.raises(ValueError, match="several"):
+        make_plan(tables, 8, 2, 1, 1, batch_sizes={"16": 8, "<=16": 8})
+
+
 def test_plan_rejects_bad_input():
     tables = split_sources(synthetic_pairs(20, seed=0))
     with pytest.raises(ValueError, match="multiple"):

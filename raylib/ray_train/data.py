@@ -69,24 +69,34 @@ class BatchPlan:
     seed: int
     epochs: int
     max_steps: int = 0
+    batch_sizes: tuple[tuple[str, int], ...] = ()  # (source key, its global batch size) overrides
 
     def __post_init__(self) -> None:
-        if self.global_batch_size < 1 or self.global_batch_size % self.num_workers:
-            raise ValueError(f"global_batch_size {self.global_batch_size} must be a positive multiple of "
-                             f"num_workers {self.num_workers}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        for source, size in ((None, self.global_batch_size), *self.batch_sizes):
+            if size < 1 or size % self.num_workers:
+                raise ValueError(f"global batch size {size}{f' of {source}' if source else ''} must be a "
+                                 f"positive multiple of num_workers {self.num_workers}")
         if self.steps_per_epoch == 0:
-            raise ValueError(f"no source has a full global batch of {self.global_batch_size} rows: "
-                             f"{dict(self.source_rows)}")
+            raise ValueError(f"no source has a full global batch: rows {dict(self.source_rows)}, "
+                             f"batch sizes {self.sizes}")
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """{source: global batch size} for every source."""
+        override = dict(self.batch_sizes)
+        return {s: override.get(s, self.global_batch_size) for s, _ in self.source_rows}
 
     @property
     def source_batches(self) -> dict[str, int]:
-        return {s: n // self.global_batch_size for s, n in self.source_rows}
+        sizes = self.sizes
+        return {s: n // sizes[s] for s, n in self.source_rows}
 
     @property
     def dropped_rows(self) -> int:
-        return sum(n % self.global_batch_size for _, n in self.source_rows)
+        sizes = self.sizes
+        return sum(n % sizes[s] for s, n in self.source_rows)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -97,13 +107,9 @@ class BatchPlan:
         total = self.epochs * self.steps_per_epoch
         return min(total, self.max_steps) if self.max_steps else total
 
-    @property
-    def local_batch_size(self) -> int:
-        return self.global_batch_size // self.num_workers
-
     def batch_order(self, epoch: int) -> list[tuple[str, int]]:
         """All (source, batch index) pairs of one epoch in a seeded random order."""
-        return _batch_order(self.source_rows, self.global_batch_size, self.seed, epoch)
+        return _batch_order(tuple(self.source_batches.items()), self.seed, epoch)
 
     def rows_of(self, step: int, rank: int | None = None) -> tuple[str, np.ndarray]:
         """(source, row indices into that source's table) of a step, all or one worker's part."""
@@ -112,10 +118,11 @@ class BatchPlan:
         epoch, pos = divmod(step, self.steps_per_epoch)
         source, batch = self.batch_order(epoch)[pos]
         keys = [s for s, _ in self.source_rows]
+        size = self.sizes[source]
         perm = _permutation(dict(self.source_rows)[source], self.seed, epoch, keys.index(source))
-        rows = perm[batch * self.global_batch_size:(batch + 1) * self.global_batch_size]
+        rows = perm[batch * size:(batch + 1) * size]
         if rank is not None:
-            b = self.local_batch_size
+            b = size // self.num_workers
             rows = rows[rank * b:(rank + 1) * b]
         return source, rows
 
@@ -123,12 +130,12 @@ class BatchPlan:
         return {"total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                 "global_batch_size": self.global_batch_size, "num_workers": self.num_workers,
                 "source_rows": dict(self.source_rows), "source_batches": self.source_batches,
-                "dropped_rows": self.dropped_rows}
+                "batch_sizes": dict(self.batch_sizes), "dropped_rows": self.dropped_rows}
 
 
 @lru_cache(maxsize=8)
-def _batch_order(source_rows, global_batch: int, seed: int, epoch: int) -> list[tuple[str, int]]:
-    items = [(s, b) for s, n in source_rows for b in range(n // global_batch)]
+def _batch_order(source_batches: tuple[tuple[str, int], ...], seed: int, epoch: int) -> list[tuple[str, int]]:
+    items = [(s, b) for s, n in source_batches for b in range(n)]
     perm = np.random.default_rng([seed, epoch, 7]).permutation(len(items))
     return [items[i] for i in perm]
 
@@ -138,11 +145,27 @@ def _permutation(n: int, seed: int, epoch: int, source_index: int) -> np.ndarray
     return np.random.default_rng([seed, epoch, 1000 + source_index]).permutation(n)
 
 
+def resolve_batch_sizes(sources: list[str], patterns: dict[str, int]) -> dict[str, int]:
+    """{source: size} for the sources that a pattern names: the source key itself or its ending
+    (`#len<=512` names every length bucket of that bound); an exact key wins over an ending."""
+    out = {}
+    for source in sources:
+        hits = [p for p in patterns if source == p] or [p for p in patterns if source.endswith(p)]
+        if len(hits) > 1:
+            raise ValueError(f"source {source!r} matches several batch size patterns: {hits}")
+        if hits:
+            out[source] = int(patterns[hits[0]])
+    return out
+
+
 def make_plan(tables: dict[str, pa.Table], global_batch: int, num_workers: int, seed: int, epochs: int,
-              max_steps: int = 0) -> BatchPlan:
-    """The plan for {source: table} (as split_sources returns)."""
-    return BatchPlan(tuple((s, tables[s].num_rows) for s in sorted(tables)), global_batch, num_workers,
-                     seed, epochs, max_steps)
+              max_steps: int = 0, batch_sizes: dict[str, int] | None = None) -> BatchPlan:
+    """The plan for {source: table} (as split_sources returns); `batch_sizes` maps source keys or
+    key endings to their own global batch size (M3 §3.4: larger batches for shorter texts)."""
+    sources = sorted(tables)
+    sizes = resolve_batch_sizes(sources, batch_sizes or {})
+    return BatchPlan(tuple((s, tables[s].num_rows) for s in sources), global_batch, num_workers,
+                     seed, epochs, max_steps, tuple(sorted(sizes.items())))
 
 
 def read_pairs(paths: list[str], fmt: str = "parquet") -> pa.Table:

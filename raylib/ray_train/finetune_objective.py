@@ -213,10 +213,20 @@ def _own(q: torch.Tensor, d: torch.Tensor, group_size: int, offset: int) -> torc
 class LengthGroupingSection:
     """M3 §3.4 length grouping: bucket upper bounds in tokens (empty: off). A row's length is the
     longest of its documents; its source becomes `<source>#len<=<bound>`, so each global batch,
-    split over the ranks, comes from one bucket. One global batch size for all buckets (the
-    shared data plan has one); raylib.batching.length_grouped_schedule has per-bucket sizes."""
+    split over the ranks, comes from one bucket. `batch_sizes` (one per bound, empty: all use
+    data.global_batch_size) gives each bucket its own global batch size, as M3 does."""
 
     bounds: list[int] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.batch_sizes and len(self.batch_sizes) != len(self.bounds):
+            raise ValueError(f"length_grouping.batch_sizes {self.batch_sizes} needs one size per bound "
+                             f"{self.bounds}")
+
+    def source_batch_sizes(self) -> dict[str, int]:
+        """{source key ending: global batch size} for data.source_batch_sizes."""
+        return {f"#len<={b}": int(n) for b, n in zip(self.bounds, self.batch_sizes)}
 
 
 def group_lengths(model: Encoder, rows: dict[str, list], num_negatives: int, max_length: int) -> list[int]:

@@ -50,6 +50,7 @@ class DataSection:
     paths: list[str] = field(default_factory=list)
     format: str = "parquet"
     global_batch_size: int = 32
+    source_batch_sizes: dict = field(default_factory=dict)  # {source key or ending: global batch size}
     epochs: int = 1
     seed: int = 0
 
@@ -302,7 +303,7 @@ def train_worker(config: dict) -> None:
         now = time.perf_counter()
         seconds, tick = now - tick, now
         record = {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()},
-                  "examples_per_s": round(cfg.data.global_batch_size / seconds, 2),
+                  "examples_per_s": round(len(rows["query"]) * world / seconds, 2),
                   "tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds, 4)}
         if device.type == "cuda":
             record["mfu"] = round(tokens * flops_per_token / seconds / (t.peak_tflops * 1e12 * world), 4)
@@ -390,7 +391,7 @@ def fit(cfg: TrainJobConfig, objective_factory: ObjectiveFactory) -> dict:
     start = time.time()
     tables = split_sources(read_pairs(cfg.data.paths, cfg.data.format))
     plan = make_plan(tables, cfg.data.global_batch_size, s.num_workers, cfg.data.seed, cfg.data.epochs,
-                     cfg.train.max_steps)
+                     cfg.train.max_steps, cfg.data.source_batch_sizes)
     table_refs = {source: ray.put(table) for source, table in tables.items()}
     del tables
     out = run_dir(cfg)
