@@ -6,7 +6,7 @@
 Each stage is the stage's own job (`jobs/<stage>.py --config ... --set ...`) run as a child
 process, so a stage behaves exactly as when run alone or under `ray job submit`. A stage that
 finished before is skipped (the pipeline resumes where it stopped). Stage settings may use
-the placeholders {workdir}, {model}, {pairs}, {filtered}, {mined}, {pretrained}, {base},
+the placeholders {workdir}, {model}, {curation_model}, {pairs}, {filtered}, {mined}, {pretrained}, {base},
 {finetuned}, {eval_data}. The last stdout line is one JSON summary.
 """
 
@@ -60,6 +60,8 @@ class ServeConfig:
 class PipelineConfig:
     workdir: str = "runs/demo"
     model: str = "minilm"            # the starting checkpoint (and the default teacher)
+    curation_model: str = ""         # filter model and mining teacher ("" = model); Arctic-Embed 2.0
+                                     # §2.3 filters with me5-small: curation_model=me5-small
     data: DataConfig = field(default_factory=DataConfig)
     filter: StageConfig = field(default_factory=StageConfig)
     mine: StageConfig = field(default_factory=StageConfig)
@@ -162,7 +164,7 @@ def main() -> dict:
     cfg = parse_job_args(PipelineConfig, __doc__.split("\n")[0])
     start = time.time()
     workdir = Path(cfg.workdir).resolve()
-    paths = {"workdir": str(workdir), "model": cfg.model}
+    paths = {"workdir": str(workdir), "model": cfg.model, "curation_model": cfg.curation_model or cfg.model}
     paths["pairs"] = cfg.data.pairs.format(**paths)
     paths["eval_data"] = cfg.data.eval_data.format(**paths)
     log_dir = workdir / "logs"
