@@ -3,7 +3,7 @@ of a cited abstract) with 20% of the documents swapped to wrong queries, filtere
 jobs/filter.py with MiniLM, one shard holding all pairs, top_k 20.
 
   python bench/filter_planted.py [--data ../shared/data/scifact] [--top-k 20] [--swap 0.2]
-  python bench/filter_planted.py --write-only runs/filter_debug/input.jsonl   # debug.yaml input
+  python bench/filter_planted.py --write-only runs/planted/input.jsonl   # the planted set as JSONL
 
 Prints the kept % of true pairs (goal >= 90%) and the dropped % of swapped pairs (goal >= 95%);
 the last stdout line is JSON.

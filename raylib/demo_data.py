@@ -95,3 +95,9 @@ def build_demo_data(out_dir: str | Path, eval_fraction: float = 0.2, seed: int =
             f.write(json.dumps({"_id": f"q{i}", "text": e["summary"]}) + "\n")
             q.write(f"q{i}\t{doc_id[e['name']]}\t1\n")
     return {"pairs": len(rows), "eval_queries": len(held_out), "corpus": len(entries)}
+
+
+if __name__ == "__main__":  # python -m raylib.demo_data runs/demo/data: the debug configs' input
+    import sys
+
+    print(json.dumps(build_demo_data(sys.argv[1] if len(sys.argv) > 1 else "runs/demo/data")))
