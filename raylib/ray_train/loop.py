@@ -396,8 +396,13 @@ def fit(cfg: TrainJobConfig, objective_factory: ObjectiveFactory) -> dict:
     del tables
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    storage = cfg.checkpoint.storage_path
-    storage = storage if is_remote(storage) else str(Path(storage).expanduser().resolve())
+    storage, storage_fs = cfg.checkpoint.storage_path, None
+    if is_remote(storage):  # raylib's S3 filesystem: AWS_ENDPOINT_URL and single-part writes
+        from raylib.storage import filesystem_for
+
+        storage_fs, storage = filesystem_for(storage)
+    else:
+        storage = str(Path(storage).expanduser().resolve())
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
@@ -405,12 +410,14 @@ def fit(cfg: TrainJobConfig, objective_factory: ObjectiveFactory) -> dict:
                            "tables": table_refs, "run_dir": str(out)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.checkpoint.name, storage_path=storage,
+        run_config=RunConfig(name=cfg.checkpoint.name, storage_path=storage, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=s.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)))
     result = trainer.fit()
     curves = plot_metrics(out / METRICS_FILE, out / "curves.png")
     final = result.checkpoint.path if result.checkpoint is not None else None
+    if final is not None and storage_fs is not None:
+        final = f"s3://{final}"
     return {"checkpoint": final, "run_dir": str(out), "metrics": result.metrics,
             "curves": str(curves) if curves else None, "plan": plan.summary(),
             "seconds": round(time.time() - start, 1), "config": asdict(cfg)}
