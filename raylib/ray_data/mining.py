@@ -44,6 +44,7 @@ class ResourcesConfig:
     embed_concurrency: int = 1
     embed_num_gpus: float = 0
     embed_num_cpus: float = 0.5
+    embed_num_threads: int | None = None  # torch threads per embedding actor (None: Ray's, from num_cpus)
     embed_batch_size: int = 64
     max_length: int | None = None      # teacher max tokens (None: the model's own)
     mine_concurrency: int = 1
@@ -163,7 +164,8 @@ def build_shards(corpus: Dataset, cfg: MineJobConfig, num_docs: int) -> tuple[li
     keyed = corpus.map_batches(_corpus_batch, batch_format="pyarrow", num_cpus=0.25)
     embedded = embed(keyed, cfg.teacher, "document", "document", "d_emb",
                      concurrency=r.embed_concurrency, num_gpus=r.embed_num_gpus,
-                     batch_size=r.embed_batch_size, num_cpus=r.embed_num_cpus, max_length=r.max_length)
+                     batch_size=r.embed_batch_size, num_cpus=r.embed_num_cpus, max_length=r.max_length,
+                     num_threads=r.embed_num_threads)
     pending: list = []
     routed = 0
     for batch in embedded.iter_batches(batch_size=r.corpus_batch_size, batch_format="numpy"):
@@ -423,7 +425,7 @@ def run_mining(cfg: MineJobConfig) -> dict:
 
     with_q = embed(pairs, cfg.teacher, "query", "query", "q_emb", concurrency=r.embed_concurrency,
                    num_gpus=r.embed_num_gpus, batch_size=r.embed_batch_size, num_cpus=r.embed_num_cpus,
-                   max_length=r.max_length)
+                   max_length=r.max_length, num_threads=r.embed_num_threads)
     mined = with_q.map_batches(
         MineBatch,
         fn_constructor_kwargs=dict(shards=shards, positives=[positives_ref], rule=asdict(cfg.rule()),
