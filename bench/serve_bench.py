@@ -5,14 +5,13 @@ same model directory on the same cores. Optional --load: the issue's bounded loa
 
     python bench/serve_bench.py --model minilm [--requests 400] [--load] [--no-infinity]
 
-infinity-emb pins numpy<2 and an older huggingface_hub than transformers 5 needs, so it lives
-in its own venv (--infinity-venv, default /work/infinity-venv: a venv whose .pth adds this
-project's site-packages, with infinity-emb[server] installed and its numpy/huggingface_hub
-downgrades removed). If it cannot start, the reason is printed. Status on this machine
-(2026-11-23): infinity-emb 0.0.78 calls BertTokenizer.batch_encode_plus, which transformers 5 (the
-project's pin) removed; pinning transformers 4.57 + huggingface_hub 0.36 in the side venv then
-breaks on the project's sentence-transformers 6 / datasets, so it needs a fully separate venv
-(own torch) that was not built here. Last stdout line: one JSON object.
+infinity-emb 0.0.78 needs transformers 4 (it calls batch_encode_plus, which transformers 5, the
+project's pin, removed) and numpy<2-era huggingface_hub, so it runs from its own venv
+(--infinity-venv, default /work/infinity-venv), made once with:
+    python3.11 -m venv /work/infinity-venv && /work/infinity-venv/bin/pip install torch==2.13.0 \
+        'infinity-emb[server]==0.0.78' 'transformers<5' 'sentence-transformers<5' 'datasets<4'
+If it cannot start, the reason is printed and the rest of the report still comes out.
+Last stdout line: one JSON object.
 """
 
 import argparse
@@ -149,7 +148,7 @@ def start_infinity(venv: Path, model_dir: str, port: int, batch: int, log: Path,
            "--batch-size", str(batch), "--url-prefix", "/v1", "--no-bettertransformer"]
     out = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    err = wait_http(f"http://127.0.0.1:{port}/v1/health", 300, proc)
+    err = wait_http(f"http://127.0.0.1:{port}/health", 300, proc)  # not under --url-prefix
     if err:
         proc.kill()
         tail = log.read_text()[-1500:] if log.exists() else ""
