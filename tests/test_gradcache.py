@@ -55,6 +55,16 @@ def test_grad_cache_equals_full_batch_with_matryoshka(chunk):
     _assert_same(full, cached)
 
 
+def test_activation_checkpointing_keeps_loss_and_gradients():
+    """model.activation_checkpointing (the loop's switch) recomputes activations; same numbers."""
+    objective = ContrastiveObjective(temperature=0.05, matryoshka_dims=[16])
+    plain = _run(tiny_encoder(hidden_size=32, seed=0).train(), objective, ROWS, 4)
+    encoder = tiny_encoder(hidden_size=32, seed=0).train()
+    encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert encoder.backbone.is_gradient_checkpointing
+    _assert_same(plain, _run(encoder, objective, ROWS, 4))
+
+
 class ThreeHeads(ContrastiveObjective):
     """A toy objective over dense, multi-vector ([b, L-1, H']) and sparse ([b, L]) reps."""
 
