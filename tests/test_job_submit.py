@@ -73,7 +73,12 @@ def test_ray_job_submit_pretrain(head_node, tmp_path):
            "--set", f"data.paths=[{run}/pairs.parquet]", "--set", f"checkpoint.storage_path={run}/ckpt",
            "--set", f"checkpoint.local_dir={run}", "--set", "synthetic.rows=192",
            "--set", "data.epochs=1"]
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    deadline = time.monotonic() + 180
+    while True:  # the head's dashboard answers before its job agent is up: "No available agent"
+        out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in out.stderr + out.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(5)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout, out.stdout[-3000:]
     summaries = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
