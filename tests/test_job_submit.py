@@ -43,7 +43,9 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, timeout_s: float) -> No
 @pytest.fixture
 def head_node():
     """A `ray start --head --block` in its own process group; SIGTERM to it stops its cluster."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # the cluster's `python` is this venv's, as on a node whose image installs the project
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a limit
     dash_port = free_port()
