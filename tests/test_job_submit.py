@@ -51,7 +51,11 @@ def head_node():
     dash_port = free_port()
     cmd = [RAY, "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=8",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--temp-dir={temp_dir}",
-           "--disable-usage-stats"]
+           "--disable-usage-stats",
+           # its own agent ports: the suite's session Ray already holds the defaults (52365, ...),
+           # and a head whose job agent cannot bind answers "No available agent to submit job"
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     head = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash_port}"
