@@ -170,13 +170,14 @@ def main() -> dict:
     sizes = [int(float(s)) for s in args.sizes.split(",")]
 
 
-    from jobs.filter import FilterConfig, init_local_ray, run
+    from jobs.filter import FilterConfig, run
+    from raylib.ray_env import init_ray
     from raylib.config import load_config
     from raylib.tiny import save_tiny_encoder
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="filter_scale_"))
     model = str(save_tiny_encoder(work / "tiny", hidden_size=args.hidden, max_length=128))
-    init_local_ray(8)
+    init_ray(8)
     from ray.data import DataContext
 
     DataContext.get_current().execution_no_progress_timeout_s = 900
