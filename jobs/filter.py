@@ -8,8 +8,8 @@ Input: Parquet/JSONL (file, list or dir; local or s3://) with query, document, s
 (other columns are carried through). Output: kept pairs + `shard` + `consistency_rank` (Parquet),
 rejects (+ `reason`) and `<output>/_summary.json`. Three streaming passes over the input:
 (1) count every row by status and group (rejects, heuristics, group sizes -> shards per group),
-(2) write the rejects, (3) heuristics, shard, embed (actor pool), rank per shard, write kept
-pairs. See raylib/ray_data/consistency.py for the sharding and memory design.
+(2) write the rejects, (3) heuristics, shard, embed (actor pool), write shard parts to scratch;
+then one task per shard ranks it and writes its kept pairs. See raylib/ray_data/consistency.py for the sharding and memory design.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raylib.config import parse_job_args  # noqa: E402
 from raylib.filters import HEURISTICS, HeuristicConfig, num_shards  # noqa: E402
-from raylib.storage import join, write_text  # noqa: E402
+from raylib.storage import filesystem_for, join, write_text  # noqa: E402
 
 REQUIRED = ("query", "document", "source", "language")
 
@@ -51,6 +51,10 @@ class FilterConfig:
     max_chars: int = 100_000  # rows with a longer query/document are rejected (too_long)
     heuristics: HeuristicConfig = field(default_factory=HeuristicConfig)
     read_blocks: int | None = None  # cap on read parallelism (None: Ray decides)
+    scratch: str = ""  # shard parts with embeddings (default: <output>_scratch, sibling of output)
+    scratch_batch_rows: int = 50_000  # rows per part-writing batch (one part per shard it touches)
+    keep_scratch: bool = False  # keep the shard parts after a successful run
+    num_cpus_per_shard: float = 1.0  # CPUs per shard ranking task (FAISS threads)
     local_num_cpus: int = 8  # CPU tokens for a local Ray started by this job (not on a cluster)
 
     def __post_init__(self) -> None:
@@ -63,6 +67,10 @@ class FilterConfig:
             raise ValueError("shard_size, batch_size and concurrency must be >= 1")
         if self.max_chars < 1:
             raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
+        if self.scratch_batch_rows < 1:
+            raise ValueError(f"scratch_batch_rows must be >= 1, got {self.scratch_batch_rows}")
+        if not self.scratch:
+            self.scratch = self.output.rstrip("/") + "_scratch"
 
 
 def _init_ray(cfg: FilterConfig) -> None:
@@ -148,15 +156,25 @@ def run(cfg: FilterConfig) -> dict:
                        batch_size=cfg.batch_size, num_cpus=cfg.num_cpus_per_actor,
                        rows_per_call=cfg.rows_per_call, num_threads=cfg.num_threads_per_actor,
                        stats=stats)
-        ds = cons.filter_shards(ds, total_shards, cfg.top_k if cfg.consistency else None,
-                                cfg.heuristics.duplicate, stats,
-                                num_gpus=cfg.num_gpus_per_actor if gpu else None,
-                                use_gpu=None if gpu else False)
-        write_parquet(ds, cfg.output)
+        emb_columns = ["_q_emb", "_d_emb"] if cfg.consistency else []
+        scratch_fs, scratch_root = filesystem_for(cfg.scratch)
+        parts = ds.drop_columns([cons.STATUS]).map_batches(
+            cons.write_shard_parts, fn_args=(scratch_fs, scratch_root, emb_columns), batch_format="pyarrow",
+            batch_size=cfg.scratch_batch_rows)
+        manifest = cons.shard_manifest(parts)
+        stage("embed_and_write_parts", num_survivors, t0)
+        t0 = time.perf_counter()
+        ranked = cons.filter_shards(manifest, scratch_fs, cfg.top_k if cfg.consistency else None,
+                                    cfg.heuristics.duplicate, stats, num_cpus=cfg.num_cpus_per_shard,
+                                    num_gpus=cfg.num_gpus_per_actor if gpu else None,
+                                    use_gpu=None if gpu else False)
+        write_parquet(ranked, cfg.output)
+        if not cfg.keep_scratch:
+            cons.delete_scratch(cfg.scratch)
     num_kept = count_rows(cfg.output) if num_survivors else 0
     shard_stats = ray.get(stats.get.remote())
     totals = cons.summarize_shards(shard_stats)
-    stage("consistency", num_survivors, t0)
+    stage("rank_and_write", num_survivors, t0)
     dropped["duplicate"] += totals["duplicate"]
     recs = list(shard_stats["embed"].values())
     rows, secs = sum(r for r, _ in recs), sum(s for _, s in recs)

@@ -9,30 +9,39 @@ documents of its ~3M-pair shard, where shards are even cuts of one (source, lang
      shard sizes are even up to binomial noise, +-sqrt(shard_size); exact duplicate pairs land
      in the same shard, so per-shard de-duplication is de-duplication within the dataset).
   3. Queries and documents are embedded by actor pools (raylib/ray_data/embed.py) while
-     streaming, and `groupby([source, language, shard]).map_groups(...)` brings each shard
-     together. The hash shuffle is given one partition per shard, so a map_groups call holds
-     about one shard (a few where shard keys collide in the hash): memory per worker is set by
-     shard_size and does not grow with the data set; the shuffle itself is Ray's object store,
-     which spills to disk. A streaming alternative (write embeddings partitioned by shard, then
-     one task per shard) bounds memory exactly but writes every embedding to storage twice.
+     streaming; each batch of `scratch_batch_rows` rows is written to scratch storage as one
+     Parquet part per shard it touches (`write_shard_parts`), embeddings included. The driver
+     only collects the parts' manifest (paths and row counts).
+  4. One Ray Data task per shard (`filter_shards`) reads that shard's parts, de-duplicates and
+     ranks with exact FAISS search, and streams its kept pairs to the output.
+Memory per worker is therefore bounded by max(one batch, one shard) and never by the data set;
+the cost is writing every embedding to scratch storage once and reading it once. (Ray Data's
+groupby/map_groups would be the obvious alternative, but its hash-shuffle aggregators hold their
+partitions in memory until the whole input is shuffled: per-worker memory grows with the data.)
 Per-shard counts go to a named `CurationStats` actor keyed by shard, so a retried shard task
 overwrites rather than double-counts: the job's totals stay exact.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
+import uuid
 from dataclasses import asdict
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 from ray.data import Dataset
 
 from raylib.filters import (HeuristicConfig, consistency_ranks, document_keys, duplicate_mask,
                             heuristic_reasons, pair_hash)
 from raylib.ray_data.io import _as_text, row_reasons
+from raylib.storage import filesystem_for
 
 GROUP = ("source", "language")
 STATUS = "_status"  # heuristic name or None (kept so far)
@@ -120,25 +129,87 @@ def assign_shards(ds: Dataset, shards_per_group: dict[tuple[str, str], int]) -> 
     return ds.map_batches(fn, batch_format="pyarrow")
 
 
-class ShardFilter:
-    """map_groups UDF: one shard in, its kept pairs out (with `consistency_rank`)."""
+# ----------------------------------------------------------------------------- shard parts
+def _fixed_list(emb: np.ndarray) -> pa.FixedSizeListArray:
+    """float32 [n, d] -> Arrow fixed_size_list<float32, d> (plain Parquet, no Ray extension)."""
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
 
-    def __init__(self, top_k: int | None, dedupe: bool, stats: Any, q_col: str = "_q_emb",
-                 d_col: str = "_d_emb", use_gpu: bool | None = None):
-        self.top_k, self.dedupe, self.stats = top_k, dedupe, stats
+
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """fixed_size_list<float32, d> column -> float32 [n, d]."""
+    arr = column.combine_chunks()
+    return arr.flatten().to_numpy().reshape(len(arr), arr.type.list_size)
+
+
+def group_dir(source: str, language: str) -> str:
+    """Scratch sub-directory of one (source, language) group (a hash: names may hold any text)."""
+    return "g" + hashlib.blake2b(f"{source}\x1f{language}".encode(), digest_size=6).hexdigest()
+
+
+def write_shard_parts(table: pa.Table, fs: pafs.FileSystem, root: str,
+                      emb_columns: Sequence[str]) -> pa.Table:
+    """Write a batch as one Parquet part per (source, language, shard) under `root` of `fs`
+    (built on the driver, so workers need no S3 settings); return the parts' manifest (source,
+    language, shard, path, rows). Holds one batch, bounded by the stage's batch size."""
+    for c in emb_columns:  # Ray's tensor extension -> plain fixed-size lists
+        i = table.column_names.index(c)
+        table = table.set_column(i, c, _fixed_list(table.column(c).combine_chunks()
+                                                   .to_numpy(zero_copy_only=False)))
+    keys = list(zip(table.column("source").to_pylist(), table.column("language").to_pylist(),
+                    table.column("shard").to_pylist()))
+    parts: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        parts.setdefault(k, []).append(i)
+    rows = []
+    for (src, lang, shard), idx in sorted(parts.items()):
+        path = f"{root}/{group_dir(src, lang)}/shard={shard:06d}/{uuid.uuid4().hex}.parquet"
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        pq.write_table(table.take(pa.array(idx, type=pa.int64())), path, filesystem=fs)
+        rows.append({"source": src, "language": lang, "shard": shard, "path": path, "rows": len(idx)})
+    schema = pa.schema([("source", pa.string()), ("language", pa.string()), ("shard", pa.int64()),
+                        ("path", pa.string()), ("rows", pa.int64())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def shard_manifest(parts: Dataset) -> list[dict]:
+    """Run the part-writing dataset; one record per shard: source, language, shard, paths, rows."""
+    shards: dict[tuple, dict] = {}
+    for batch in parts.iter_batches(batch_format="pyarrow", batch_size=None):
+        for r in batch.to_pylist():
+            key = (r["source"], r["language"], r["shard"])
+            rec = shards.setdefault(key, {"source": key[0], "language": key[1], "shard": key[2],
+                                          "paths": [], "rows": 0})
+            rec["paths"].append(r["path"])
+            rec["rows"] += r["rows"]
+    return [shards[k] for k in sorted(shards)]
+
+
+# ----------------------------------------------------------------------------- ranking
+class ShardFilter:
+    """One shard's parts in, its kept pairs out (with `consistency_rank`): de-duplicate, then keep
+    pairs whose own document ranks within `top_k` among the shard's documents."""
+
+    def __init__(self, fs: pafs.FileSystem, top_k: int | None, dedupe: bool, stats: Any,
+                 q_col: str = "_q_emb", d_col: str = "_d_emb", use_gpu: bool | None = None):
+        self.fs, self.top_k, self.dedupe, self.stats = fs, top_k, dedupe, stats
         self.q_col, self.d_col, self.use_gpu = q_col, d_col, use_gpu
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["query"])
-        key = f"{batch['source'][0]}\x1f{batch['language'][0]}\x1f{int(batch['shard'][0])}" if n else ""
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        assert batch.num_rows == 1, batch.num_rows  # one shard per call
+        rec = batch.to_pylist()[0]
+        table = pa.concat_tables([pq.read_table(p, filesystem=self.fs) for p in rec["paths"]])
         start = time.perf_counter()
-        queries, documents = list(batch["query"]), list(batch["document"])
+        n = table.num_rows
+        queries, documents = table.column("query").to_pylist(), table.column("document").to_pylist()
         dup = duplicate_mask(queries, documents) if self.dedupe else np.zeros(n, dtype=bool)
         keep = ~dup
         ranks = np.zeros(n, dtype=np.int64)
         if self.top_k is not None and keep.any():
             idx = np.flatnonzero(keep)
-            ranks[idx] = consistency_ranks(batch[self.q_col][idx], batch[self.d_col][idx],
+            ranks[idx] = consistency_ranks(_matrix(table.column(self.q_col))[idx],
+                                           _matrix(table.column(self.d_col))[idx],
                                            document_keys([documents[i] for i in idx]),
                                            self.top_k, use_gpu=self.use_gpu)
             consistent = np.zeros(n, dtype=bool)
@@ -146,28 +217,40 @@ class ShardFilter:
         else:
             consistent = keep.copy()
         kept = keep & consistent
+        key = f"{rec['source']}\x1f{rec['language']}\x1f{rec['shard']}"
         counts = {"pairs": n, "duplicate": int(dup.sum()), "consistency": int((keep & ~consistent).sum()),
                   "kept": int(kept.sum()), "seconds": time.perf_counter() - start}
-        if n:
-            ray.get(self.stats.record_shard.remote(key, counts))
-        out = {k: v[kept] for k, v in batch.items() if k not in (self.q_col, self.d_col, STATUS)}
+        ray.get(self.stats.record_shard.remote(key, counts))
+        out = table.drop_columns([c for c in (self.q_col, self.d_col) if c in table.column_names])
+        out = out.filter(pa.array(kept))
         if self.top_k is not None:
-            out["consistency_rank"] = ranks[kept]
+            out = out.append_column("consistency_rank", pa.array(ranks[kept]))
         return out
 
 
-def _filter_shard(batch: dict[str, np.ndarray], **kwargs: Any) -> dict[str, np.ndarray]:
+def _filter_shard(batch: pa.Table, **kwargs: Any) -> pa.Table:
     return ShardFilter(**kwargs)(batch)
 
 
-def filter_shards(ds: Dataset, num_partitions: int, top_k: int | None, dedupe: bool, stats: Any,
+def filter_shards(manifest: list[dict], fs: pafs.FileSystem, top_k: int | None, dedupe: bool, stats: Any,
                   num_cpus: float | None = None, num_gpus: float | None = None,
                   use_gpu: bool | None = None) -> Dataset:
-    """Group by (source, language, shard) with one hash partition per shard, then de-duplicate
-    and keep pairs whose own document ranks within `top_k` (None: de-duplicate only)."""
-    return ds.groupby([*GROUP, "shard"], num_partitions=max(1, num_partitions)).map_groups(
-        _filter_shard, fn_kwargs=dict(top_k=top_k, dedupe=dedupe, stats=stats, use_gpu=use_gpu),
-        batch_format="numpy", num_cpus=num_cpus, num_gpus=num_gpus or None)
+    """One Ray Data task per shard (streaming, `num_cpus`/`num_gpus` each): read its parts,
+    de-duplicate and rank (top_k None: de-duplicate only). Memory per task: one shard."""
+    items = [{"source": m["source"], "language": m["language"], "shard": m["shard"],
+              "paths": m["paths"]} for m in manifest]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(_filter_shard, batch_size=1, batch_format="pyarrow",
+                          fn_kwargs=dict(fs=fs, top_k=top_k, dedupe=dedupe, stats=stats,
+                                         use_gpu=use_gpu),
+                          num_cpus=num_cpus, num_gpus=num_gpus or None)
+
+
+def delete_scratch(scratch: str) -> None:
+    """Remove the shard parts once the kept pairs are written."""
+    fs, root = filesystem_for(scratch)
+    if fs.get_file_info(root).type != pafs.FileType.NotFound:
+        fs.delete_dir(root)
 
 
 def summarize_shards(stats: dict) -> dict[str, Any]:
