@@ -5,6 +5,7 @@ timed from the model on disk to the last embedding: the Ray side includes actor 
 
   python bench/filter_scale.py --sizes 100000,300000 [--shard-size 50000] [--encode-pairs 20000]
   python bench/filter_scale.py --sizes 100000,1000000          # the issue's 100k -> 1M check
+  python bench/filter_scale.py --sizes '' --encode-pairs 300000  # encode comparison only
 
 Peak memory is sampled every 0.5 s over every worker process of the local Ray started here
 (RSS and RSS minus shared pages, which excludes the mapped object store). Goal: flat per-worker
@@ -112,7 +113,15 @@ class WorkerMemory:
         private = max(self.peak_uss_like.values(), default=(0, ""))
         return {"peak_worker_rss_mib": round(rss[0] / mib, 1), "peak_rss_worker": rss[1],
                 "peak_worker_private_mib": round(private[0] / mib, 1), "peak_private_worker": private[1],
-                "workers_seen": len(self.peak)}
+                "workers_seen": len(self.peak), "peak_private_mib_by_stage": self.by_stage()}
+
+    def by_stage(self) -> dict[str, float]:
+        """Peak private MiB per worker kind (the process title at its peak, e.g. the embed actor)."""
+        out: dict[str, float] = {}
+        for size, title in self.peak_uss_like.values():
+            name = title.removeprefix("ray::").strip()[:40]
+            out[name] = max(out.get(name, 0.0), round(size / (1 << 20), 1))
+        return dict(sorted(out.items(), key=lambda kv: -kv[1])[:6])
 
 
 def encode_comparison(files: list[Path], model: str, pairs: int, threads: int, batch_size: int,
@@ -168,17 +177,17 @@ def main() -> dict:
     p.add_argument("--encode-pairs", type=int, default=100_000)
     p.add_argument("--workdir", default=None)
     args = p.parse_args()
-    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    sizes = [int(float(s)) for s in args.sizes.split(",") if s]  # --sizes '': encode comparison only
 
 
     from jobs.filter import FilterConfig, run
-    from raylib.ray_env import init_ray
+    from raylib.ray_env import init_data_ray
     from raylib.config import load_config
     from raylib.tiny import save_tiny_encoder
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="filter_scale_"))
     model = str(save_tiny_encoder(work / "tiny", hidden_size=args.hidden, max_length=128))
-    init_ray(8)
+    init_data_ray(8)  # what the job itself does on a local Ray
     from ray.data import DataContext
 
     DataContext.get_current().execution_no_progress_timeout_s = 900
@@ -204,6 +213,10 @@ def main() -> dict:
             results["encode"] = encode_comparison(files, model, args.encode_pairs, args.threads,
                                                   args.batch_size, args.rows_per_call)
             print(json.dumps(results["encode"]), flush=True)
+    if not sizes:
+        files = make_pairs(args.encode_pairs, work / "in_encode", seed=0)
+        results["encode"] = encode_comparison(files, model, args.encode_pairs, args.threads,
+                                              args.batch_size, args.rows_per_call)
     for row in results["runs"]:
         print(f"{row['pairs']:>9} pairs: {row['pairs_per_s']:>8} pairs/s, peak worker RSS "
               f"{row['peak_worker_rss_mib']} MiB (private {row['peak_worker_private_mib']} MiB)")

@@ -108,6 +108,7 @@ def one(n_docs: int, n_queries: int, shard: int, dim: int) -> dict:
     import ray
 
     from jobs.mine import main
+    from raylib.ray_env import init_data_ray
     from raylib.tiny import save_tiny_encoder
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
@@ -116,8 +117,7 @@ def one(n_docs: int, n_queries: int, shard: int, dim: int) -> dict:
         t0 = time.time()
         corpus, pairs = make_data(tmp, n_docs, n_queries)
         gen_s = time.time() - t0
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=2 * 1024 * MB)
+        init_data_ray(8, log_to_driver=False, object_store_memory=2 * 1024 * MB)
         sampler = Sampler()
         sampler.start()
         t0 = time.time()

@@ -56,6 +56,7 @@ class FilterConfig:
     keep_scratch: bool = False  # keep the shard parts after a successful run
     num_cpus_per_shard: float = 1.0  # CPUs per shard ranking task (FAISS threads)
     local_num_cpus: int = 8  # CPU tokens for a local Ray started by this job (not on a cluster)
+    block_mib: int | None = 16  # Ray Data block cap (null: Ray's 128 MiB); bounds worker memory
 
     def __post_init__(self) -> None:
         for name in ("input", "output", "rejects"):
@@ -74,9 +75,9 @@ class FilterConfig:
 
 
 def _init_ray(cfg: FilterConfig) -> None:
-    from raylib.ray_env import init_ray
+    from raylib.ray_env import init_data_ray
 
-    init_ray(cfg.local_num_cpus)
+    init_data_ray(cfg.local_num_cpus, cfg.block_mib)
 
 
 def _log(msg: str) -> None:
@@ -94,7 +95,8 @@ def run(cfg: FilterConfig) -> dict:
     import ray
     from raylib.ray_data import consistency as cons
     from raylib.ray_data.embed import embed
-    from raylib.ray_data.io import count_rows, read_table, split_rejects, value_counts, write_parquet
+    from raylib.ray_data.io import (ROWS_PER_BATCH, count_rows, read_table, split_rejects,
+                                    value_counts, write_parquet)
 
     _init_ray(cfg)
     t_start = time.perf_counter()
@@ -145,7 +147,7 @@ def run(cfg: FilterConfig) -> dict:
             return table.filter(table.column(cons.STATUS).is_null())
 
         ds = cons.annotate_heuristics(good, cfg.heuristics)
-        ds = ds.map_batches(keep_unflagged, batch_format="pyarrow")
+        ds = ds.map_batches(keep_unflagged, batch_format="pyarrow", batch_size=ROWS_PER_BATCH)
         ds = cons.assign_shards(ds, shards_per_group)
         gpu = cfg.num_gpus_per_actor > 0
         if cfg.consistency:

@@ -1,5 +1,6 @@
-"""`ray job submit --working-dir . -- python jobs/pretrain.py ...` against a local `ray start --head`
-that this test starts (its own ports and temp dir) and stops (only its own processes)."""
+"""`ray job submit --working-dir . -- python jobs/<job>.py ...` (pretrain, filter, mine) against a
+local `ray start --head` that this module starts (its own ports and temp dir) and stops (only its
+own processes)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, timeout_s: float) -> No
     raise TimeoutError(f"no Ray dashboard at {url} after {timeout_s} s")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head_node():
     """A `ray start --head --block` in its own process group; SIGTERM to it stops its cluster."""
     # the cluster's `python` is this venv's, as on a node whose image installs the project
@@ -70,15 +71,9 @@ def head_node():
             os.killpg(head.pid, signal.SIGKILL)
 
 
-@pytest.mark.slow
-def test_ray_job_submit_pretrain(head_node, tmp_path):
-    url, env = head_node
-    run = tmp_path / "run"
-    cmd = [RAY, "job", "submit", f"--address={url}", "--working-dir", ".", "--",
-           "python", "jobs/pretrain.py", "--config", "jobs/configs/pretrain/debug.yaml",
-           "--set", f"data.paths=[{run}/pairs.parquet]", "--set", f"checkpoint.storage_path={run}/ckpt",
-           "--set", f"checkpoint.local_dir={run}", "--set", "synthetic.rows=192",
-           "--set", "data.epochs=1"]
+def submit(url: str, env: dict, args: list[str]) -> dict:
+    """Submit `python <args>` with the repo as working dir; returns the job's JSON summary."""
+    cmd = [RAY, "job", "submit", f"--address={url}", "--working-dir", ".", "--", "python", *args]
     deadline = time.monotonic() + 180
     while True:  # the head's dashboard answers before its job agent is up: "No available agent"
         out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -89,7 +84,39 @@ def test_ray_job_submit_pretrain(head_node, tmp_path):
     assert "succeeded" in out.stdout, out.stdout[-3000:]
     summaries = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert summaries, out.stdout[-3000:]
-    summary = summaries[-1]
+    return summaries[-1]
+
+
+def write_pairs(path: Path, n: int = 40) -> Path:
+    """n distinct (query, document) pairs over a few topics, one source and language."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    topics = "river protein galaxy harbor engine music cloud forest".split()
+    queries = [f"question {i} about the {topics[i % 8]}" for i in range(n)]
+    docs = [f"document {i}: the {topics[i % 8]} and the {topics[(i * 3) % 8]} at length" for i in range(n)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"query": queries, "document": docs, "source": ["s"] * n,
+                             "language": ["en"] * n}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from raylib.tiny import save_tiny_encoder
+
+    return save_tiny_encoder(tmp_path_factory.mktemp("submit") / "tiny", pooling="mean")
+
+
+@pytest.mark.slow
+def test_ray_job_submit_pretrain(head_node, tmp_path):
+    url, env = head_node
+    run = tmp_path / "run"
+    summary = submit(url, env, [
+        "jobs/pretrain.py", "--config", "jobs/configs/pretrain/debug.yaml",
+        "--set", f"data.paths=[{run}/pairs.parquet]", "--set", f"checkpoint.storage_path={run}/ckpt",
+        "--set", f"checkpoint.local_dir={run}", "--set", "synthetic.rows=192",
+        "--set", "data.epochs=1"])
     plan = summary["plan"]
     assert sum(plan["source_rows"].values()) == 192 and plan["total_steps"] >= 4
     assert summary["metrics"]["step"] == plan["total_steps"] and summary["metrics"]["loss"] > 0
@@ -99,3 +126,35 @@ def test_ray_job_submit_pretrain(head_node, tmp_path):
     assert summary["checkpoint"].startswith(str(run / "ckpt"))
     encoder = Encoder.from_pretrained(summary["checkpoint"])
     assert encoder.encode_dense(["a query"], kind="query").shape[0] == 1
+
+
+@pytest.mark.slow
+def test_ray_job_submit_filter(head_node, tiny_model, tmp_path):
+    url, env = head_node
+    pairs = write_pairs(tmp_path / "in" / "pairs.parquet")
+    summary = submit(url, env, [
+        "jobs/filter.py", "--config", "jobs/configs/filter/debug.yaml", "--set", f"input={pairs}",
+        "--set", f"output={tmp_path}/kept", "--set", f"rejects={tmp_path}/rejects",
+        "--set", f"model={tiny_model}", "--set", "shard_size=20", "--set", "top_k=3"])
+    assert summary["input"] == 40 and summary["shards"]["count"] == 2
+    assert summary["rejected"] + sum(summary["dropped_by_heuristic"].values()) \
+        + summary["dropped_by_consistency"] + summary["kept"] == 40
+    assert (tmp_path / "kept" / "_summary.json").exists()
+    assert not (tmp_path / "kept_scratch").exists()  # shard parts removed after success
+
+
+@pytest.mark.slow
+def test_ray_job_submit_mine(head_node, tiny_model, tmp_path):
+    url, env = head_node
+    pairs = write_pairs(tmp_path / "in" / "pairs.parquet")
+    summary = submit(url, env, [
+        "jobs/mine.py", "--config", "jobs/configs/mine/debug.yaml", "--set", f"input.path={pairs}",
+        "--set", f"teacher={tiny_model}", "--set", "candidates=10", "--set", "num_negatives=2",
+        "--set", "too_few=pad", "--set", f"output.path={tmp_path}/mined"])
+    counts = summary["counts"]
+    assert counts["input"] == 40 and counts["adds_up"] and counts["kept"] > 0
+    import pyarrow.parquet as pq
+
+    mined = pq.read_table(tmp_path / "mined").to_pylist()
+    assert len(mined) == counts["kept"] and all(len(r["negatives"]) == 2 for r in mined)
+    assert all(r["positive"] not in r["negatives"] for r in mined)

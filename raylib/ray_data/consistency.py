@@ -40,7 +40,7 @@ from ray.data import Dataset
 
 from raylib.filters import (HeuristicConfig, consistency_ranks, document_keys, duplicate_mask,
                             heuristic_reasons, pair_hash)
-from raylib.ray_data.io import _as_text, row_reasons
+from raylib.ray_data.io import ROWS_PER_BATCH, _as_text, row_reasons
 from raylib.storage import filesystem_for
 
 GROUP = ("source", "language")
@@ -73,7 +73,7 @@ def annotate_heuristics(ds: Dataset, cfg: HeuristicConfig, num_cpus: float | Non
                                     table.column("document").to_pylist(), cfg)
         return table.append_column(STATUS, pa.array(reasons, type=pa.string()))
 
-    return ds.map_batches(fn, batch_format="pyarrow", num_cpus=num_cpus)
+    return ds.map_batches(fn, batch_format="pyarrow", num_cpus=num_cpus, batch_size=ROWS_PER_BATCH)
 
 
 def status_counts(ds: Dataset, required: Sequence[str], max_chars: int | None,
@@ -105,8 +105,8 @@ def status_counts(ds: Dataset, required: Sequence[str], max_chars: int | None,
         return t.group_by([STATUS, *GROUP]).aggregate([([], "count_all")])
 
     totals: dict[tuple[str, str, str], int] = {}
-    for batch in ds.map_batches(fn, batch_format="pyarrow").iter_batches(batch_format="pyarrow",
-                                                                         batch_size=None):
+    counted = ds.map_batches(fn, batch_format="pyarrow", batch_size=ROWS_PER_BATCH)
+    for batch in counted.iter_batches(batch_format="pyarrow", batch_size=None):
         for r in batch.to_pylist():
             key = (r[STATUS], r["source"], r["language"])
             totals[key] = totals.get(key, 0) + int(r["count_all"])
@@ -126,7 +126,7 @@ def assign_shards(ds: Dataset, shards_per_group: dict[tuple[str, str], int]) -> 
         shard = [pair_hash(q, d) % shards_per_group[g] for g, (q, d) in zip(groups, pairs)]
         return table.append_column("shard", pa.array(shard, type=pa.int64()))
 
-    return ds.map_batches(fn, batch_format="pyarrow")
+    return ds.map_batches(fn, batch_format="pyarrow", batch_size=ROWS_PER_BATCH)
 
 
 # ----------------------------------------------------------------------------- shard parts

@@ -25,6 +25,11 @@ from raylib.storage import filesystem_for, list_data_files
 BAD_FIELDS = "_bad_fields"  # per row: "kind:column,..." found by the reader (null when clean)
 RAW = "_raw"  # per row: the raw line when it could not be parsed (null otherwise)
 INTERNAL = (BAD_FIELDS, RAW)
+# Rows per call of the row-level (Python) stages. Ray's default hands a UDF a whole block, and
+# its Parquet reader coalesces small files into blocks of up to 128 MiB (450k short pairs): as
+# Python lists that is >1 GB per worker, growing with the number of files. A fixed batch keeps a
+# worker's memory independent of the input.
+ROWS_PER_BATCH = 10_000
 
 
 # ----------------------------------------------------------------------------- reading
@@ -258,7 +263,8 @@ def split_rejects(ds: Dataset, required: Sequence[str], max_chars: int | None,
     if max_chars is not None and max_chars < 1:
         raise ValueError(f"max_chars must be >= 1 or None, got {max_chars}")
     required = list(required)
-    kw = dict(batch_format="pyarrow", num_cpus=num_cpus, zero_copy_batch=True)
+    kw = dict(batch_format="pyarrow", num_cpus=num_cpus, zero_copy_batch=True,
+              batch_size=ROWS_PER_BATCH)
     good = ds.map_batches(_split_batch, fn_args=(required, max_chars, "good"), **kw)
     bad = ds.map_batches(_split_batch, fn_args=(required, max_chars, "bad"), **kw)
     return good, bad

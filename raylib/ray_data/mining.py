@@ -24,7 +24,7 @@ from ray.data import Dataset
 
 from raylib import mining as M
 from raylib.ray_data.embed import embed
-from raylib.ray_data.io import read_table, split_rejects, write_parquet
+from raylib.ray_data.io import ROWS_PER_BATCH, read_table, split_rejects, write_parquet
 
 
 # ----------------------------------------------------------------------------- config
@@ -161,7 +161,8 @@ def build_shards(corpus: Dataset, cfg: MineJobConfig, num_docs: int) -> tuple[li
     use_gpu = True if r.shard_num_gpus > 0 else False
     shards = [ShardActor.options(num_cpus=r.shard_num_cpus, num_gpus=r.shard_num_gpus or None)
               .remote(use_gpu) for _ in range(n_shards)]
-    keyed = corpus.map_batches(_corpus_batch, batch_format="pyarrow", num_cpus=0.25)
+    keyed = corpus.map_batches(_corpus_batch, batch_format="pyarrow", num_cpus=0.25,
+                               batch_size=ROWS_PER_BATCH)
     embedded = embed(keyed, cfg.teacher, "document", "document", "d_emb",
                      concurrency=r.embed_concurrency, num_gpus=r.embed_num_gpus,
                      batch_size=r.embed_batch_size, num_cpus=r.embed_num_cpus, max_length=r.max_length,
@@ -356,7 +357,8 @@ def _given_corpus(path: str, max_chars: int | None) -> tuple[Dataset, Dataset]:
         return pa.table({"document": batch.column("document"),
                          "doc_id": pa.array([None if i is None else str(i) for i in ids], pa.string())})
 
-    return good.map_batches(keep, batch_format="pyarrow", num_cpus=0.25), rej
+    return good.map_batches(keep, batch_format="pyarrow", num_cpus=0.25,
+                             batch_size=ROWS_PER_BATCH), rej
 
 
 def _count_reasons(ds: Dataset) -> dict[str, int]:
@@ -396,7 +398,8 @@ def run_mining(cfg: MineJobConfig) -> dict:
         good, rejects = split_rejects(read_table(cfg.input.path), ["query", "document"],
                                       cfg.input.max_chars)
         corpus, n_input = None, None
-    pairs = good.map_batches(_normalize_pairs, batch_format="pyarrow", num_cpus=0.25).materialize()
+    pairs = good.map_batches(_normalize_pairs, batch_format="pyarrow", num_cpus=0.25,
+                             batch_size=ROWS_PER_BATCH).materialize()
     rejects = rejects.materialize()
     rejected = _count_reasons(rejects)
     corpus_rejected: dict[str, int] = {}
@@ -447,16 +450,18 @@ def run_mining(cfg: MineJobConfig) -> dict:
         pos_hist.add(batch.column("positive_score").to_numpy(zero_copy_only=False)[ok])
         neg_hist.add(pc.list_flatten(batch.column("negative_scores")).to_numpy(zero_copy_only=False))
 
-    kept = mined.map_batches(_drop_internal, fn_args=(True,), batch_format="pyarrow", num_cpus=0.25)
+    kept = mined.map_batches(_drop_internal, fn_args=(True,), batch_format="pyarrow", num_cpus=0.25,
+                             batch_size=ROWS_PER_BATCH)
     if cfg.order == "random":
         kept = kept.random_shuffle(seed=cfg.seed)
     else:  # increasing negative hardness (Arctic 2.0 Fig. 2); the key is recomputed from the output
-        kept = mined.map_batches(_keep_with_key, batch_format="pyarrow", num_cpus=0.25) \
+        kept = mined.map_batches(_keep_with_key, batch_format="pyarrow", num_cpus=0.25,
+                                 batch_size=ROWS_PER_BATCH) \
             .sort("order_key").drop_columns(["order_key"])
     write_parquet(kept, out.path)
     if counts["dropped_too_few"]:
         write_parquet(mined.map_batches(_drop_internal, fn_args=(False,), batch_format="pyarrow",
-                                        num_cpus=0.25), too_few_path)
+                                        num_cpus=0.25, batch_size=ROWS_PER_BATCH), too_few_path)
     if rejected:
         write_parquet(rejects, rejects_path)
     for s in shards:
@@ -497,9 +502,9 @@ def _keep_with_key(batch: pa.Table) -> pa.Table:
 
 def ray_init_for_job(num_cpus: int | None) -> None:
     """Connect to a running cluster (RAY_ADDRESS, `ray job submit`) or start a local one."""
-    from raylib.ray_env import init_ray
+    from raylib.ray_env import init_data_ray
 
-    init_ray(num_cpus)
+    init_data_ray(num_cpus)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
