@@ -243,7 +243,10 @@ def filter_shards(manifest: list[dict], fs: pafs.FileSystem, top_k: int | None, 
     return ds.map_batches(_filter_shard, batch_size=1, batch_format="pyarrow",
                           fn_kwargs=dict(fs=fs, top_k=top_k, dedupe=dedupe, stats=stats,
                                          use_gpu=use_gpu),
-                          num_cpus=num_cpus, num_gpus=num_gpus or None)
+                          num_cpus=num_cpus, num_gpus=num_gpus or None,
+                          # a fresh process per shard: what one shard's ranking leaves behind
+                          # (allocator pages, FAISS buffers) never adds up over the next shards
+                          max_calls=1)
 
 
 def delete_scratch(scratch: str) -> None:
