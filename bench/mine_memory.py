@@ -5,7 +5,8 @@
 Each size runs in a fresh process with its own local Ray: a synthetic corpus of N short documents
 (Parquet) plus `--queries` pairs, mined by jobs/mine.py with a tiny random mean-pooled model and
 max_docs_per_shard=`--shard`. A sampler reads every process of that Ray (driver, raylet, workers,
-actors) twice a second and keeps, per role, the peak RSS of the largest process and the peak of the
+actors) twice a second and keeps, per role, the peak RSS and the peak private memory (RSS minus
+shared pages, i.e. without the mapped object store) of the largest process, and the peak of the
 summed PSS. Baseline in the same run: the bytes a full [queries x corpus] float32 score matrix
 would take (what mining without top-K streaming holds), and the corpus embeddings themselves.
 The last stdout line is JSON.
@@ -56,6 +57,7 @@ class Sampler(threading.Thread):
 
         self.psutil, self.period = psutil, period
         self.peak_rss: dict[str, int] = {}
+        self.peak_private: dict[str, int] = {}  # RSS minus shared pages (the mapped object store)
         self.peak_pss_total = 0
         self.stop = threading.Event()
 
@@ -70,6 +72,7 @@ class Sampler(threading.Thread):
                     continue
                 r = role(p)
                 self.peak_rss[r] = max(self.peak_rss.get(r, 0), info.rss)
+                self.peak_private[r] = max(self.peak_private.get(r, 0), info.rss - info.shared)
                 total += getattr(info, "pss", info.rss)
             self.peak_pss_total = max(self.peak_pss_total, total)
             self.stop.wait(self.period)
@@ -138,6 +141,7 @@ def one(n_docs: int, n_queries: int, shard: int, dim: int) -> dict:
             "max_docs_in_a_shard": summary["corpus"]["max_docs_in_a_shard"],
             "kept": summary["counts"]["kept"], "seconds": round(run_s, 1), "gen_seconds": round(gen_s, 1),
             "peak_rss_mb": {k: round(v / MB) for k, v in sorted(sampler.peak_rss.items())},
+            "peak_private_mb": {k: round(v / MB) for k, v in sorted(sampler.peak_private.items())},
             "peak_pss_total_mb": round(sampler.peak_pss_total / MB),
             "corpus_embeddings_mb": round(n_docs * dim * 4 / MB),
             "full_score_matrix_mb": round(n_queries * n_docs * 4 / MB)}
@@ -167,7 +171,7 @@ def main() -> None:
         row = json.loads(line[-1][7:])
         rows.append(row)
         print(f"{n:>9} docs: {row['shards']} shards, {row['seconds']} s, peak RSS MB "
-              f"{row['peak_rss_mb']}, total PSS {row['peak_pss_total_mb']} MB "
+              f"{row['peak_rss_mb']}, private MB {row['peak_private_mb']}, total PSS {row['peak_pss_total_mb']} MB "
               f"(a full score matrix would be {row['full_score_matrix_mb']} MB)", flush=True)
     print(json.dumps({"bench": "mine_memory", "rows": rows}))
 
