@@ -9,7 +9,8 @@ Input: Parquet/JSONL (file, list or dir; local or s3://) with query, document, s
 rejects (+ `reason`) and `<output>/_summary.json`. Three streaming passes over the input:
 (1) count every row by status and group (rejects, heuristics, group sizes -> shards per group),
 (2) write the rejects, (3) heuristics, shard, embed (actor pool), write shard parts to scratch;
-then one task per shard ranks it and writes its kept pairs. See raylib/ray_data/consistency.py for the sharding and memory design.
+then one task per shard ranks it and writes its kept pairs. See raylib/ray_data/consistency.py
+for the sharding and memory design.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ DATA_WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2
 
 def init_data_ray(num_cpus: int | None = None, block_mib: int | None = 16, **kwargs) -> None:
     """`init_ray` for the Ray Data jobs (filter, mine): workers get DATA_WORKER_ENV, Parquet is
-    read one task per file, and Ray Data blocks are capped at `block_mib` (Ray's default, 128 MiB, coalesces 450k short pairs into one
-    block, and row-level stages hold a block's worth of Python objects)."""
+    read one task per file, and Ray Data blocks are capped at `block_mib` (Ray's default, 128 MiB,
+    coalesces 450k short pairs into one block, and row-level stages hold a block's worth of
+    Python objects)."""
     from ray.data import DataContext
 
     env = {k: os.environ.get(k, v) for k, v in DATA_WORKER_ENV.items()}
