@@ -181,7 +181,7 @@ def main() -> dict:
 
 
     from jobs.filter import FilterConfig, run
-    from raylib.ray_env import init_data_ray
+    from raylib.jobs.ray_env import init_data_ray
     from raylib.config import load_config
     from raylib.tiny import save_tiny_encoder
 

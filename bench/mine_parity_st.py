@@ -55,7 +55,7 @@ def run_st(data, k: int, n: int, ratio: float) -> tuple[dict[str, set], float]:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from raylib.model import resolve_model_path
+    from raylib.registry import resolve_model_path
 
     queries, docs = [], []
     for qid, rel in data.qrels.items():
@@ -116,7 +116,8 @@ def shared_embeddings(data, k: int, n: int, ratio: float, max_pos: int, max_leng
     from sentence_transformers.util import mine_hard_negatives
 
     from raylib import mining as M
-    from raylib.model import Encoder, resolve_model_path
+    from raylib.model import Encoder
+    from raylib.registry import resolve_model_path
 
     torch.set_num_threads(2)
     queries, docs = pairs_of(data)

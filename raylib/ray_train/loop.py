@@ -364,7 +364,7 @@ def progress_line(record: dict, total_steps: int) -> str:
 # ----------------------------------------------------------------------------- the driver
 def init_ray(s: ScalingSection) -> None:
     """Connect to the configured or running cluster, else start a local Ray with ray_num_cpus tokens."""
-    from raylib.ray_env import init_ray as _init
+    from raylib.jobs.ray_env import init_ray as _init
 
     _init(s.ray_num_cpus, s.ray_address or None)
 
