@@ -116,8 +116,20 @@ def document_keys(documents: Sequence[Any]) -> np.ndarray:
     return np.array([first.setdefault(d, i) for i, d in enumerate(documents)], dtype=np.int64)
 
 
+# Host bytes per pair that `consistency_ranks` needs on top of its fp32 inputs (query + document,
+# 8 d bytes): a contiguous copy of the distinct documents when some texts repeat (4 d), the
+# candidate ids and FAISS scores (12 k), keys/inverse/ranks (~64); the float64 recheck works on
+# chunks of at most RECHECK_CHUNK_BYTES. At d = 384, k = 20: <= 1,840 B on top of 3,072 B of inputs.
+RECHECK_CHUNK_BYTES = 64 << 20
+
+
+def ranking_bytes_per_pair(dim: int, top_k: int, duplicates: bool = True) -> int:
+    """Upper bound of the host bytes per pair of one shard's ranking, inputs included."""
+    return 8 * dim + (4 * dim if duplicates else 0) + 12 * top_k + 64
+
+
 def consistency_ranks(q_emb: np.ndarray, d_emb: np.ndarray, doc_keys: Sequence[Any], top_k: int,
-                      use_gpu: bool | None = None) -> np.ndarray:
+                      use_gpu: bool | None = None, chunk_bytes: int = RECHECK_CHUNK_BYTES) -> np.ndarray:
     """consistency_rank of each pair within one shard: 1 + the number of distinct documents of
     the shard that score strictly higher than the pair's own document for its query.
 
@@ -125,7 +137,9 @@ def consistency_ranks(q_emb: np.ndarray, d_emb: np.ndarray, doc_keys: Sequence[A
     texts: one document). Returns int64 [n] in 1..top_k, or top_k + 1 meaning "beyond top_k".
     Candidates come from exact FAISS inner-product search over the distinct documents (GPU index
     when present); their scores and the own-document score are then recomputed in float64 so
-    the comparison is exact and tie-consistent (ties do not push a document down).
+    the comparison is exact and tie-consistent (ties do not push a document down). The recheck
+    runs over chunks of queries of at most `chunk_bytes`: memory stays linear in n
+    (`ranking_bytes_per_pair`), never [n, k, d].
     """
     from raylib.search import exact_search
 
@@ -140,14 +154,27 @@ def consistency_ranks(q_emb: np.ndarray, d_emb: np.ndarray, doc_keys: Sequence[A
         return np.zeros(0, dtype=np.int64)
     _, first, own = np.unique(np.asarray(doc_keys), return_index=True, return_inverse=True)
     own = own.reshape(-1)
-    docs = d_emb[first]  # [m, d] distinct documents
+    # [m, d] distinct documents; no copy when every text is distinct and keys follow row order
+    docs = d_emb if len(first) == n and (first == np.arange(n)).all() else d_emb[first]
     k = min(top_k, len(docs))
     _, cand = exact_search(q_emb, docs, k, use_gpu=use_gpu)  # [n, k]
-    q64 = q_emb.astype(np.float64)
-    d64 = docs.astype(np.float64)
-    own_score = np.einsum("nd,nd->n", q64, d64[own])  # [n]
-    cand_score = np.einsum("nd,nkd->nk", q64, d64[cand])  # [n, k]
-    higher = (cand_score > own_score[:, None]) & (cand != own[:, None])
-    greater = higher.sum(1)
-    ranks = greater + 1
-    return np.where(greater < top_k, ranks, top_k + 1).astype(np.int64)
+    greater = _count_higher(q_emb, docs, cand, own, chunk_bytes)
+    return np.where(greater < top_k, greater + 1, top_k + 1).astype(np.int64)
+
+
+def _count_higher(q_emb: np.ndarray, docs: np.ndarray, cand: np.ndarray, own: np.ndarray,
+                  chunk_bytes: int) -> np.ndarray:
+    """Per query: candidates other than its own document scoring strictly higher in float64
+    (the same einsum per row as an unchunked recheck, so bit-identical scores)."""
+    n, k = cand.shape
+    dim = q_emb.shape[1]
+    rows = max(1, chunk_bytes // (12 * dim * (k + 2)))  # fp32 gather + float64 copy per row
+    greater = np.empty(n, dtype=np.int64)
+    for s in range(0, n, rows):
+        c_cand, c_own = cand[s:s + rows], own[s:s + rows]
+        q64 = q_emb[s:s + rows].astype(np.float64)
+        own_score = np.einsum("nd,nd->n", q64, docs[c_own].astype(np.float64))  # [c]
+        cand_score = np.einsum("nd,nkd->nk", q64, docs[c_cand].astype(np.float64))  # [c, k]
+        higher = (cand_score > own_score[:, None]) & (c_cand != c_own[:, None])
+        greater[s:s + rows] = higher.sum(1)
+    return greater

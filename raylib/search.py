@@ -1,28 +1,68 @@
-"""Exact top-k inner-product search with FAISS: a GPU index when one is present, CPU otherwise."""
+"""Exact top-k inner-product search with FAISS: a GPU index when one is present, CPU otherwise.
+
+Index storage is fp32, or fp16 where asked (GPU: `GpuIndexFlatConfig.useFloat16`; CPU:
+`IndexScalarQuantizer(QT_fp16)`): an fp16 index only proposes candidates, their exact scores are
+recomputed by the caller from fp32 vectors (raylib.mining.KeyedIndex).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+INDEX_DTYPES = ("fp32", "fp16")
+GPU_ADD_CHUNK = 262_144  # rows per GPU add: an fp16 add stages its rows in fp32 on the device
+
 
 def gpu_available() -> bool:
-    """True when both torch sees a GPU and this FAISS build has GPU support."""
-    import faiss
-    import torch
-
-    return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def flat_ip_index(vectors: np.ndarray, use_gpu: bool | None = None):
-    """An exact inner-product index over `vectors` [n, d] (float32); GPU if asked or auto-detected."""
+    """True when this FAISS build has GPU support and sees a GPU (no torch import: it costs memory)."""
     import faiss
 
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _resolve_gpu(use_gpu: bool | None) -> bool:
+    """use_gpu None: auto-detect; True without a GPU build or device: fall back on the CPU."""
+    return gpu_available() if use_gpu is None else bool(use_gpu) and gpu_available()
+
+
+def gpu_flat_index(dim: int, dtype: str = "fp32", device: int = 0, reserve: int = 0):
+    """An empty exact-IP GPU index (fp16 storage when dtype is fp16), with room for `reserve` rows
+    reserved up front so adding in chunks never reallocates (which would briefly need 2x)."""
+    import faiss
+
+    cfg = faiss.GpuIndexFlatConfig()
+    cfg.device = device
+    cfg.useFloat16 = dtype == "fp16"
+    index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), dim, cfg)
+    if reserve and hasattr(index, "reserveMemory"):
+        index.reserveMemory(reserve)
+    return index
+
+
+def cpu_index(dim: int, dtype: str = "fp32"):
+    """An empty exact-IP CPU index: flat fp32, or fp16 codes (IndexScalarQuantizer QT_fp16)."""
+    import faiss
+
+    if dtype == "fp16":
+        return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    return faiss.IndexFlatIP(dim)
+
+
+def flat_ip_index(vectors: np.ndarray, use_gpu: bool | None = None, dtype: str = "fp32",
+                  add_chunk: int = GPU_ADD_CHUNK):
+    """An exact inner-product index over `vectors` [n, d] (float32): GPU if asked or auto-detected
+    and this FAISS build has one (else CPU), storage fp32 or fp16; rows added in chunks."""
+    if dtype not in INDEX_DTYPES:
+        raise ValueError(f"index dtype {dtype!r} is not one of {INDEX_DTYPES}")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    if use_gpu is None:
-        use_gpu = gpu_available()
-    if use_gpu:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    if _resolve_gpu(use_gpu):
+        index = gpu_flat_index(vectors.shape[1], dtype, reserve=len(vectors))
+        for start in range(0, len(vectors), add_chunk):
+            index.add(vectors[start:start + add_chunk])
+        return index
+    index = cpu_index(vectors.shape[1], dtype)
+    if dtype == "fp16":
+        index.train(vectors[:1])  # QT_fp16 needs no statistics, but FAISS wants a train call
     index.add(vectors)
     return index
 
@@ -31,16 +71,25 @@ def exact_search(queries: np.ndarray, docs: np.ndarray, k: int, use_gpu: bool | 
                  query_chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Top-k docs by inner product for each query: (scores [nq, k], ids [nq, k]), best first.
 
-    k is capped at the number of documents. Queries go in chunks so memory stays bounded.
+    k is capped at the number of documents. Queries go in chunks so memory stays bounded. On the
+    CPU no index is built (`faiss.knn` reads `docs` in place: no second copy of the documents);
+    it runs the same kernel as IndexFlatIP.search, so results are identical.
     """
+    import faiss
+
     if len(docs) == 0:
         raise ValueError("cannot search an empty document set")
     k = min(k, len(docs))
-    index = flat_ip_index(docs, use_gpu)
+    docs = np.ascontiguousarray(docs, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if _resolve_gpu(use_gpu):
+        index = flat_ip_index(docs, True)
+        search = lambda x: index.search(x, k)  # noqa: E731
+    else:
+        search = lambda x: faiss.knn(x, docs, k, metric=faiss.METRIC_INNER_PRODUCT)  # noqa: E731
     scores = np.empty((len(queries), k), dtype=np.float32)
     ids = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), query_chunk):
-        s, i = index.search(queries[start:start + query_chunk], k)
+        s, i = search(queries[start:start + query_chunk])
         scores[start:start + len(s)], ids[start:start + len(i)] = s, i
     return scores, ids

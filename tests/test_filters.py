@@ -124,3 +124,66 @@ def test_row_reasons_without_ray():
                    "invalid_json", "not_object", "null:query", "too_long:document"]
     binary = pa.table({"query": pa.array([b"ok", b"\xfe"]), "document": pa.array([1, None])})
     assert row_reasons(binary, ["query", "document"], None) == ["not_string:document", "undecodable:query"]
+
+
+def unchunked_ranks_reference(q_emb, d_emb, doc_keys, top_k):
+    """The consistency_ranks of before the chunked recheck (an [n, k, d] float64 gather), kept
+    verbatim as the reference the chunked one must equal bit for bit."""
+    from raylib.search import exact_search
+
+    q_emb = np.ascontiguousarray(q_emb, dtype=np.float32)
+    d_emb = np.ascontiguousarray(d_emb, dtype=np.float32)
+    _, first, own = np.unique(np.asarray(doc_keys), return_index=True, return_inverse=True)
+    own = own.reshape(-1)
+    docs = d_emb[first]
+    k = min(top_k, len(docs))
+    _, cand = exact_search(q_emb, docs, k, use_gpu=False)
+    q64 = q_emb.astype(np.float64)
+    d64 = docs.astype(np.float64)
+    own_score = np.einsum("nd,nd->n", q64, d64[own])
+    cand_score = np.einsum("nd,nkd->nk", q64, d64[cand])
+    higher = (cand_score > own_score[:, None]) & (cand != own[:, None])
+    greater = higher.sum(1)
+    return np.where(greater < top_k, greater + 1, top_k + 1).astype(np.int64)
+
+
+@pytest.mark.parametrize("dim,top_k", [(384, 20), (24, 5)])
+def test_chunked_ranks_equal_unchunked_reference_with_ties_and_duplicates(dim, top_k):
+    rng = np.random.default_rng(7)
+    n = 3000
+    texts = [f"doc {i}" for i in rng.integers(0, 2200, size=n)]  # ~700 repeated document texts
+    base = {t: rng.normal(size=dim) for t in sorted(set(texts))}
+    d_emb = _normalize(np.stack([base[t] for t in texts]))
+    q_emb = _normalize(d_emb + rng.normal(scale=1.2 / np.sqrt(dim) * 6, size=(n, dim)))
+    # planted ties: other texts with exactly the same embedding as some pair's document
+    for i in rng.choice(n, size=150, replace=False):
+        j = int(rng.integers(0, n))
+        texts[i], d_emb[i] = f"twin of {texts[j]} at {i}", d_emb[j]
+    # queries equal to another query: identical candidate lists and scores
+    q_emb[10:20] = q_emb[0]
+    keys = document_keys(texts)
+    ref = unchunked_ranks_reference(q_emb, d_emb, keys, top_k)
+    assert 0 < (ref == 1).sum() < n and (ref == top_k + 1).any() and ((ref > 1) & (ref <= top_k)).any()
+    for chunk_bytes in (1, 10_000, 1 << 20, 1 << 40):  # one row per chunk .. a single chunk
+        got = consistency_ranks(q_emb, d_emb, keys, top_k, use_gpu=False, chunk_bytes=chunk_bytes)
+        np.testing.assert_array_equal(got, ref)
+    # keys not in row order (a copy of the distinct documents) give the same ranks too
+    np.testing.assert_array_equal(consistency_ranks(q_emb, d_emb, [hash(t) for t in texts], top_k,
+                                                    use_gpu=False), ref)
+
+
+def test_all_distinct_documents_are_ranked_without_copying_them():
+    rng = np.random.default_rng(3)
+    d = _normalize(rng.normal(size=(500, 16)))
+    q = _normalize(d + rng.normal(scale=0.5, size=d.shape))
+    keys = np.arange(500)
+    np.testing.assert_array_equal(consistency_ranks(q, d, keys, 10, use_gpu=False),
+                                  unchunked_ranks_reference(q, d, keys, 10))
+
+
+def test_ranking_bytes_per_pair_is_linear_and_small():
+    from raylib.filters import ranking_bytes_per_pair
+
+    # me5-small (d = 384), top-20: inputs 3,072 B + at most 1,840 B of working memory per pair
+    assert ranking_bytes_per_pair(384, 20) == 8 * 384 + 4 * 384 + 240 + 64
+    assert ranking_bytes_per_pair(384, 20, duplicates=False) < ranking_bytes_per_pair(384, 20)
