@@ -93,6 +93,161 @@ def _write_sentence_transformers_files(path: Path, settings: EncoderSettings) ->
     (path / "1_Pooling").mkdir(exist_ok=True)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model and how to load it: a name or directory, whether its own code may run, and
+    settings that override (or, for a plain HF directory, supply) its pooling and prefixes.
+
+    None takes the value from the directory (raylib_settings.json, sentence-transformers
+    files) or, for a plain HF directory, the defaults: CLS pooling, normalized, no prefixes."""
+
+    name_or_path: str
+    trust_remote_code: bool = False
+    pooling: Literal["cls", "mean"] | None = None
+    normalize: bool | None = None
+    max_length: int | None = None
+    query_prefix: str | None = None
+    document_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if not str(self.name_or_path):
+            raise ValueError("model name_or_path is empty")
+        if self.pooling not in (None, "cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+
+    @classmethod
+    def of(cls, model: "str | os.PathLike | ModelSpec", **overrides: Any) -> "ModelSpec":
+        """A spec from a name, a path or a spec, with the non-None `overrides` applied."""
+        spec = model if isinstance(model, ModelSpec) else cls(str(model))
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(spec, **changes) if changes else spec
+
+    def settings_overrides(self) -> dict[str, Any]:
+        """The EncoderSettings fields this spec sets (the non-None ones)."""
+        names = ("pooling", "normalize", "max_length", "query_prefix", "document_prefix")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+
+def _is_plain_hf_dir(path: Path) -> bool:
+    """No raylib settings, no sentence-transformers modules and no BGE-M3 heads (CLS is BGE-M3's)."""
+    return not any((path / f).exists() for f in (SETTINGS_FILE, "modules.json", SPARSE_FILE,
+                                                 COLBERT_FILE))
+
+
+def load_settings(path: Path, spec: ModelSpec, tokenizer: Any = None) -> EncoderSettings:
+    """The directory's settings with the spec's overrides; warns when a plain HF directory gives
+    no pooling (CLS would be used silently, wrong for mean-pooled models such as e5)."""
+    if (path / SETTINGS_FILE).exists():
+        settings = EncoderSettings.from_json(path / SETTINGS_FILE)
+    elif (path / "modules.json").exists():
+        settings = _settings_from_sentence_transformers(path)
+    else:  # plain HF dir or BGE-M3 layout: CLS pooling, normalized (as BGE-M3 dense)
+        settings = EncoderSettings()
+        limit = getattr(tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and 0 < limit < settings.max_length:
+            settings.max_length = limit  # never past what the tokenizer (and model) declare
+        if spec.pooling is None and _is_plain_hf_dir(path):
+            logger.warning(
+                "%s is a plain Hugging Face directory with no pooling information (no %s, no "
+                "sentence-transformers modules.json): using CLS pooling, normalize=True and no "
+                "query/document prefixes. If its authors meant otherwise (e5: mean pooling, "
+                "'query: '/'passage: '), set pooling and the prefixes in the model spec.",
+                path, SETTINGS_FILE)
+    return dataclasses.replace(settings, **spec.settings_overrides())
+
+
+def _remote_code_hint(error: Exception, spec: ModelSpec) -> ValueError:
+    return ValueError(f"model {spec.name_or_path!r} ships its own modeling code and cannot load "
+                      f"without trust_remote_code: set trust_remote_code: true in its model spec "
+                      f"(only for code you trust). ({error})")
+
+
+def load_tokenizer(path: Path, spec: ModelSpec) -> Any:
+    """AutoTokenizer for `path`, running the directory's own code only if the spec trusts it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=spec.trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e) and not spec.trust_remote_code:
+            raise _remote_code_hint(e, spec) from e
+        raise
+
+
+def load_backbone(path: Path, spec: ModelSpec, attn_implementation: str) -> nn.Module:
+    """AutoModel without its pooler; remote code only if trusted."""
+    from transformers import AutoModel
+
+    kwargs = dict(attn_implementation=attn_implementation, trust_remote_code=spec.trust_remote_code)
+    try:
+        return AutoModel.from_pretrained(str(path), add_pooling_layer=False, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e) and not spec.trust_remote_code:
+            raise _remote_code_hint(e, spec) from e
+        raise
+    except TypeError as e:  # a remote-code model without BERT's add_pooling_layer argument
+        if "add_pooling_layer" not in str(e):
+            raise
+        return AutoModel.from_pretrained(str(path), **kwargs)
+
+
+class TextTokenizer:
+    """The model's tokenizer with its prefixes and max length: texts -> token ids, no weights.
+
+    Shared by Encoder.tokenize and the CPU tasks that tokenize upstream of embedding actors."""
+
+    def __init__(self, tokenizer: Any, settings: EncoderSettings):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self._warned_truncation = False
+
+    @classmethod
+    def from_pretrained(cls, model: "str | os.PathLike | ModelSpec", **overrides: Any) -> "TextTokenizer":
+        """Load only the tokenizer and settings of `model` (a name, a dir or a ModelSpec)."""
+        spec = ModelSpec.of(model, **overrides)
+        path = resolve_model_path(spec.name_or_path)
+        tokenizer = load_tokenizer(path, spec)
+        return cls(tokenizer, load_settings(path, spec, tokenizer))
+
+    def prefix(self, kind: Kind) -> str:
+        if kind not in ("query", "document"):
+            raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
+        return self.settings.query_prefix if kind == "query" else self.settings.document_prefix
+
+    def __call__(self, texts: Sequence[str], kind: Kind = "document", max_length: int | None = None,
+                 padding: bool = True) -> dict[str, Any]:
+        """Prefix, tokenize and truncate to max_length (warned once when it cuts text)."""
+        texts = check_texts(texts)
+        max_length = max_length or self.settings.max_length
+        prefix = self.prefix(kind)
+        batch = self.tokenizer([prefix + t for t in texts], max_length=max_length, truncation=True,
+                               padding=padding, return_tensors="pt" if padding else None,
+                               return_overflowing_tokens=False, return_length=not padding)
+        if not self._warned_truncation:
+            lengths = batch["attention_mask"].sum(1) if padding else torch.tensor(batch["length"])
+            if int(lengths.max()) >= max_length:
+                self._warned_truncation = True
+                logger.warning("texts longer than max_length=%d tokens are truncated "
+                               "(warned once)", max_length)
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def pad_ids(ids: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpadded token id rows -> (input_ids, attention_mask) [B, max len] int64, padded on `side`."""
+    lengths = [len(row) for row in ids]
+    width = max(lengths)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for j, (row, n) in enumerate(zip(ids, lengths)):
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        input_ids[j, cols] = torch.as_tensor(np.asarray(row, dtype=np.int64))
+        mask[j, cols] = 1
+    return input_ids, mask
+
+
 class Encoder(nn.Module):
     """Backbone + pooling + optional sparse and multi-vector heads; trains and encodes."""
 
@@ -107,7 +262,7 @@ class Encoder(nn.Module):
         special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.eos_token_id,
                    tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
         self.special_token_ids = sorted(i for i in special if i is not None)
-        self._warned_truncation = False
+        self.text_tokenizer = TextTokenizer(tokenizer, self.settings)
 
     # ----------------------------------------------------------------- construction
     @property
@@ -137,21 +292,18 @@ class Encoder(nn.Module):
         return self
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None,
-                        attn_implementation: str = "sdpa") -> "Encoder":
-        """Load a raylib, BGE-M3, sentence-transformers or plain HF dir, or a known name."""
-        from transformers import AutoModel, AutoTokenizer
+    def from_pretrained(cls, model: str | os.PathLike | ModelSpec,
+                        device: str | torch.device | None = None, attn_implementation: str = "sdpa",
+                        trust_remote_code: bool | None = None, **overrides: Any) -> "Encoder":
+        """Load a raylib, BGE-M3, sentence-transformers or plain HF dir, or a known name.
 
-        path = resolve_model_path(name_or_path)
-        if (path / SETTINGS_FILE).exists():
-            settings = EncoderSettings.from_json(path / SETTINGS_FILE)
-        elif (path / "modules.json").exists():
-            settings = _settings_from_sentence_transformers(path)
-        else:  # plain HF dir or BGE-M3 layout: CLS pooling, normalized (as BGE-M3 dense)
-            settings = EncoderSettings()
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        backbone = AutoModel.from_pretrained(str(path), attn_implementation=attn_implementation,
-                                             add_pooling_layer=False)
+        `model` may be a ModelSpec; `trust_remote_code` and `overrides` (pooling, normalize,
+        max_length, query_prefix, document_prefix) replace the spec's fields when not None."""
+        spec = ModelSpec.of(model, trust_remote_code=trust_remote_code, **overrides)
+        path = resolve_model_path(spec.name_or_path)
+        tokenizer = load_tokenizer(path, spec)
+        settings = load_settings(path, spec, tokenizer)
+        backbone = load_backbone(path, spec, attn_implementation)
         hidden = backbone.config.hidden_size
         sparse_linear = colbert_linear = None
         if (path / SPARSE_FILE).exists():
@@ -196,26 +348,13 @@ class Encoder(nn.Module):
 
     # ----------------------------------------------------------------- tokenization
     def prefix(self, kind: Kind) -> str:
-        if kind not in ("query", "document"):
-            raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
-        return self.settings.query_prefix if kind == "query" else self.settings.document_prefix
+        return self.text_tokenizer.prefix(kind)
 
     def tokenize(self, texts: Sequence[str], kind: Kind = "document", max_length: int | None = None,
                  padding: bool = True) -> dict[str, torch.Tensor]:
         """Prefix, tokenize and truncate to max_length (warned once when it cuts text)."""
-        texts = check_texts(texts)
-        max_length = max_length or self.settings.max_length
-        prefix = self.prefix(kind)
-        batch = self.tokenizer([prefix + t for t in texts], max_length=max_length, truncation=True,
-                               padding=padding, return_tensors="pt" if padding else None,
-                               return_overflowing_tokens=False, return_length=not padding)
-        if not self._warned_truncation:
-            lengths = batch["attention_mask"].sum(1) if padding else torch.tensor(batch["length"])
-            if int(lengths.max()) >= max_length:
-                self._warned_truncation = True
-                logger.warning("texts longer than max_length=%d tokens are truncated "
-                               "(warned once)", max_length)
-        return {k: batch[k] for k in ("input_ids", "attention_mask")}
+        self.text_tokenizer.settings = self.settings  # one settings object, even if replaced
+        return self.text_tokenizer(texts, kind, max_length, padding)
 
     # ----------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, dense: bool = True,
@@ -272,35 +411,48 @@ class Encoder(nn.Module):
         if isinstance(texts, str):
             texts = [texts]
         texts = check_texts(texts)
+        tokens = self.tokenize(texts, kind, max_length, padding=False)
+        return self.encode_features(tokens["input_ids"], dense, sparse, multivector, dim, batch_size,
+                                    show_progress, desc=f"encode ({kind})")
+
+    @torch.no_grad()
+    def encode_features(self, input_ids: Sequence[Sequence[int]], dense: bool = True,
+                        sparse: bool = False, multivector: bool = False, dim: int | None = None,
+                        batch_size: int = 64, show_progress: bool = False,
+                        desc: str = "encode") -> dict[str, Any]:
+        """Encode already tokenized texts (unpadded id rows, prefixes and truncation applied, as
+        `tokenize(..., padding=False)` gives): the model half of `encode`, same outputs.
+
+        Sorts rows by length into padded batches of `batch_size`, so that token ids made in
+        another process (a CPU task upstream of a GPU actor) encode exactly as `encode` would."""
         if dim is not None and not 0 < dim <= self.dim:
             raise ValueError(f"dim must be in 1..{self.dim}, got {dim}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(input_ids) == 0:
+            raise ValueError("input_ids is empty: nothing to encode")
         was_training = self.training
         self.eval()
-        tokens = self.tokenize(texts, kind, max_length, padding=False)
-        order = np.argsort([-len(ids) for ids in tokens["input_ids"]], kind="stable")
+        order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
         device = next(self.parameters()).device
         dense_out: list[np.ndarray] = []
         sparse_out: list[dict[int, float]] = []
         multi_out: list[np.ndarray] = []
-        starts = range(0, len(texts), batch_size)
+        starts = range(0, len(input_ids), batch_size)
         if show_progress:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=f"encode ({kind})", unit="batch")
+            starts = tqdm(starts, desc=desc, unit="batch")
         for start in starts:
-            idx = order[start:start + batch_size]
-            batch = self.tokenizer.pad({"input_ids": [tokens["input_ids"][i] for i in idx]},
-                                       return_tensors="pt")
-            input_ids = batch["input_ids"].to(device)
-            mask = batch["attention_mask"].to(device)
+            ids, mask = pad_ids([input_ids[i] for i in order[start:start + batch_size]],
+                                self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+            ids, mask = ids.to(device), mask.to(device)
             with autocast_for(device):
-                out = self(input_ids, mask, dense=dense, sparse=sparse, multivector=multivector)
+                out = self(ids, mask, dense=dense, sparse=sparse, multivector=multivector)
             if dense:
                 dense_out.append(out["dense"].float().cpu().numpy())
             if sparse:
-                sparse_out.extend(_sparse_dicts(input_ids, out["sparse"].float()))
+                sparse_out.extend(_sparse_dicts(ids, out["sparse"].float()))
             if multivector:
                 lengths = mask.sum(1) - 1  # tokens after CLS
                 vecs = out["multivector"].float().cpu().numpy()

@@ -144,3 +144,102 @@ def test_long_texts_are_truncated_with_one_warning(caplog):
 def test_unknown_model_name_is_a_value_error():
     with pytest.raises(ValueError, match="neither a known name"):
         Encoder.from_pretrained("no-such-model-xyz")
+
+
+# ----------------------------------------------------------------- model specs (plain HF dirs)
+def _plain_hf_dir(path, **kwargs):
+    """A tiny encoder saved as only the HF files (no raylib settings, no sentence-transformers)."""
+    enc = tiny_encoder(**kwargs)
+    enc.backbone.save_pretrained(str(path))
+    enc.tokenizer.save_pretrained(str(path))
+    return path, enc
+
+
+def test_plain_hf_dir_warns_and_spec_settings_apply(tmp_path, caplog):
+    from raylib.model import ModelSpec
+
+    path, ref = _plain_hf_dir(tmp_path / "plain", seed=5)
+    with caplog.at_level(logging.WARNING, logger="raylib.model"):
+        cls_enc = Encoder.from_pretrained(path, device="cpu")
+    assert any("no pooling information" in r.message for r in caplog.records)
+    assert cls_enc.settings.pooling == "cls" and cls_enc.settings.query_prefix == ""
+    caplog.clear()
+    spec = ModelSpec(str(path), pooling="mean", normalize=False, max_length=32,
+                     query_prefix="query: ", document_prefix="passage: ")
+    with caplog.at_level(logging.WARNING, logger="raylib.model"):
+        mean_enc = Encoder.from_pretrained(spec, device="cpu")
+    assert not caplog.records  # the spec gives the pooling: nothing to warn about
+    s = mean_enc.settings
+    assert (s.pooling, s.normalize, s.max_length) == ("mean", False, 32)
+    # mean pooling changes the embedding, and equals a masked mean of the hidden states
+    assert not np.allclose(mean_enc.encode_dense(TEXTS), cls_enc.encode_dense(TEXTS), atol=1e-3)
+    batch = ref.tokenize(["passage: " + TEXTS[0]])
+    with torch.no_grad():
+        hidden = ref.backbone(**batch).last_hidden_state
+    np.testing.assert_allclose(mean_enc.encode_dense(TEXTS[:1])[0], hidden[0].mean(0).numpy(), atol=1e-5)
+    # prefixes are prepended per kind; keyword overrides win over the spec's fields
+    no_prefix = Encoder.from_pretrained(spec, device="cpu", query_prefix="", document_prefix="")
+    np.testing.assert_allclose(mean_enc.encode_dense(["cat"], "query"),
+                               no_prefix.encode_dense(["query: cat"], "query"), atol=1e-6)
+
+
+def test_model_spec_rejects_bad_settings():
+    from raylib.model import ModelSpec
+
+    with pytest.raises(ValueError, match="pooling"):
+        ModelSpec("minilm", pooling="max")
+    with pytest.raises(ValueError, match="max_length"):
+        ModelSpec("minilm", max_length=0)
+
+
+def test_config_field_takes_a_name_or_a_model_spec():
+    from dataclasses import dataclass
+
+    from raylib.config import from_dict, to_dict
+    from raylib.model import ModelSpec
+
+    @dataclass
+    class Job:
+        model: str | ModelSpec = "minilm"
+
+    assert from_dict(Job, {"model": "minilm"}).model == "minilm"
+    spec = from_dict(Job, {"model": {"name_or_path": "/m", "pooling": "mean", "query_prefix": "query: ",
+                                     "trust_remote_code": "true"}}).model
+    assert spec == ModelSpec("/m", trust_remote_code=True, pooling="mean", query_prefix="query: ")
+    assert from_dict(Job, to_dict(Job(spec))).model == spec  # round trip through a dict
+    with pytest.raises(ValueError, match="pooling"):
+        from_dict(Job, {"model": {"name_or_path": "/m", "pooling": "max"}})
+    with pytest.raises(ValueError, match="poolin"):
+        from_dict(Job, {"model": {"name_or_path": "/m", "poolin": "mean"}})
+
+
+REMOTE_CODE = '''
+from transformers import BertConfig, BertModel
+
+
+class TinyRemoteConfig(BertConfig):
+    model_type = "tiny-remote"
+
+
+class TinyRemoteModel(BertModel):
+    config_class = TinyRemoteConfig
+'''
+
+
+def test_trust_remote_code_is_forwarded_to_transformers(tmp_path):
+    """A dir whose architecture is its own code (auto_map), as Arctic-Embed 2.0's base ships."""
+    import json
+
+    enc = tiny_encoder(seed=7)
+    path = enc.save_pretrained(tmp_path / "remote")
+    (path / "modeling_tiny_remote.py").write_text(REMOTE_CODE)
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="tiny-remote", architectures=["TinyRemoteModel"],
+                  auto_map={"AutoConfig": "modeling_tiny_remote.TinyRemoteConfig",
+                            "AutoModel": "modeling_tiny_remote.TinyRemoteModel"})
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code: true"):
+        Encoder.from_pretrained(path, device="cpu")
+    loaded = Encoder.from_pretrained(path, device="cpu", trust_remote_code=True)
+    assert type(loaded.backbone).__name__ == "TinyRemoteModel"
+    np.testing.assert_allclose(loaded.encode_dense(TEXTS), enc.encode_dense(TEXTS), atol=1e-6)
