@@ -54,15 +54,24 @@ class CurationStats:
     def __init__(self) -> None:
         self.shards: dict[str, dict] = {}
         self.embed: dict[str, tuple[int, float]] = {}
+        self.embed_split: dict[str, dict[str, float]] = {}  # per actor: tokenize_s, model_s
+        self.tokenize: dict[str, tuple[int, float]] = {}  # per upstream tokenizer worker
 
     def record_shard(self, key: str, counts: dict) -> None:
         self.shards[key] = counts
 
-    def record_embed(self, key: str, rows: int, seconds: float) -> None:
+    def record_embed(self, key: str, rows: int, seconds: float,
+                     split: dict[str, float] | None = None) -> None:
         self.embed[key] = (rows, seconds)
+        if split is not None:
+            self.embed_split[key] = split
+
+    def record_tokenize(self, key: str, rows: int, seconds: float) -> None:
+        self.tokenize[key] = (rows, seconds)
 
     def get(self) -> dict:
-        return {"shards": dict(self.shards), "embed": dict(self.embed)}
+        return {"shards": dict(self.shards), "embed": dict(self.embed),
+                "embed_split": dict(self.embed_split), "tokenize": dict(self.tokenize)}
 
 
 def annotate_heuristics(ds: Dataset, cfg: HeuristicConfig, num_cpus: float | None = None) -> Dataset:
