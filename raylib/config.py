@@ -10,7 +10,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import yaml
 
@@ -133,14 +133,21 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def parse_job_args(cls: type[T], description: str, argv: list[str] | None = None) -> T:
-    """The common job CLI: --config FILE and repeated --set a.b=value."""
+def parse_job_args(cls: type[T], description: str, argv: Sequence[str] | None = None,
+                   shortcuts: dict[str, str] | None = None) -> T:
+    """The common job CLI: --config FILE and repeated --set a.b=value. `shortcuts` maps extra flags
+    to config keys (evaluate's `--model X` is `--set model=X`); they apply after the --set items."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config (see jobs/configs/<job>/)")
+    parser.add_argument("--config", required=shortcuts is None,
+                        help="YAML config (see jobs/configs/<job>/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.lr=1e-5 (repeatable)")
+    for flag, key in (shortcuts or {}).items():
+        parser.add_argument(f"--{flag}", dest=f"shortcut:{key}", metavar="VALUE", help=f"same as --set {key}=VALUE")
     args = parser.parse_args(argv)
+    overrides = list(args.set) + [f"{dest.split(':', 1)[1]}={value}" for dest, value in vars(args).items()
+                                  if dest.startswith("shortcut:") and value is not None]
     try:
-        return load_config(cls, args.config, args.set)
+        return load_config(cls, args.config, overrides)
     except ValueError as e:
         parser.error(str(e))

@@ -102,13 +102,18 @@ def list_data_files(paths: str | Sequence[str]) -> tuple[pafs.FileSystem, list[s
     return fs, parquet, jsonl
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a small text file (e.g. a summary) to a local path or s3:// URI."""
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a small file (a summary, a plot) to a local path or s3:// URI."""
     fs, inner = filesystem_for(path)
     if not is_s3(path):
         os.makedirs(os.path.dirname(inner) or ".", exist_ok=True)
     with fs.open_output_stream(inner) as f:
-        f.write(text.encode("utf-8"))
+        f.write(data)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a small text file (e.g. a summary) to a local path or s3:// URI."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def read_text(path: str) -> str:
@@ -116,6 +121,22 @@ def read_text(path: str) -> str:
     fs, inner = filesystem_for(path)
     with fs.open_input_stream(inner) as f:
         return f.read().decode("utf-8")
+
+
+def exists(path: str) -> bool:
+    """Whether a file or directory exists at a local path or s3:// URI."""
+    fs, inner = filesystem_for(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copy a file or directory between local paths and s3:// URIs."""
+    src_fs, src_inner = filesystem_for(src)
+    dst_fs, dst_inner = filesystem_for(dst)
+    if not is_s3(dst):
+        os.makedirs(dst_inner if src_fs.get_file_info(src_inner).type == pafs.FileType.Directory
+                    else os.path.dirname(dst_inner), exist_ok=True)
+    pafs.copy_files(src_inner, dst_inner, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
 def join(base: str, *parts: str) -> str:

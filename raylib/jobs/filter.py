@@ -5,8 +5,8 @@ consistency filtering (Arctic-Embed 2.0 section 2.3 / appendix B); the last stdo
   ray job submit --working-dir . -- python jobs/filter.py --config jobs/configs/filter/h100.yaml
 
 Input: Parquet/JSONL (file, list or dir; local or s3://) with query, document, source, language
-(other columns are carried through). Output: kept pairs + `shard` + `consistency_rank` (Parquet),
-rejects (+ `reason`) and `<output>/_summary.json`. Three streaming passes over the input:
+(other columns are carried through). Output location `output` (local or s3://): `kept/` (pairs +
+`shard` + `consistency_rank`, Parquet), `rejects/` (+ `reason`) and `summary.json`. Three streaming passes over the input:
 (1) count every row by status and group (rejects, heuristics, group sizes -> shards per group),
 (2) write the rejects, (3) heuristics, shard, embed (actor pool), write shard parts to scratch;
 then one task per shard ranks it and writes its kept pairs. See raylib/ray_data/consistency.py
@@ -15,17 +15,15 @@ for the sharding and memory design.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from raylib.config import parse_job_args  # noqa: E402
-from raylib.filters import HEURISTICS, HeuristicConfig, num_shards  # noqa: E402
-from raylib.storage import filesystem_for, join, write_text  # noqa: E402
+from raylib.config import parse_job_args
+from raylib.filters import HEURISTICS, HeuristicConfig, num_shards
+from raylib.jobs.summary import finish, seconds
+from raylib.storage import filesystem_for, join
 
 REQUIRED = ("query", "document", "source", "language")
 
@@ -35,8 +33,8 @@ class FilterConfig:
     """Config of jobs/filter.py (unknown keys are an error)."""
 
     input: str | list[str] = ""  # Parquet/JSONL file(s) or dir, local or s3://
-    output: str = ""  # kept pairs (Parquet dir) + _summary.json
-    rejects: str = ""  # rejected rows with `reason` (Parquet dir)
+    output: str = ""  # the job's output location: kept/, rejects/, summary.json (local or s3://)
+    rejects: str = ""  # rejected rows with `reason` (Parquet dir; default <output>/rejects)
     model: str = "minilm"  # filter model: path or name (minilm, me5-small)
     shard_size: int = 3_000_000  # pairs per consistency shard (even cuts of a source x language)
     top_k: int = 20  # keep a pair if its own document ranks within top_k of its shard
@@ -52,7 +50,7 @@ class FilterConfig:
     max_chars: int = 100_000  # rows with a longer query/document are rejected (too_long)
     heuristics: HeuristicConfig = field(default_factory=HeuristicConfig)
     read_blocks: int | None = None  # cap on read parallelism (None: Ray decides)
-    scratch: str = ""  # shard parts with embeddings (default: <output>_scratch, sibling of output)
+    scratch: str = ""  # shard parts with embeddings (default: <output>/_scratch)
     scratch_batch_rows: int = 50_000  # rows per part-writing batch (one part per shard it touches)
     keep_scratch: bool = False  # keep the shard parts after a successful run
     num_cpus_per_shard: float = 1.0  # CPUs per shard ranking task (FAISS threads)
@@ -60,7 +58,7 @@ class FilterConfig:
     block_mib: int | None = 16  # Ray Data block cap (null: Ray's 128 MiB); bounds worker memory
 
     def __post_init__(self) -> None:
-        for name in ("input", "output", "rejects"):
+        for name in ("input", "output"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required")
         if self.top_k < 1:
@@ -71,14 +69,13 @@ class FilterConfig:
             raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
         if self.scratch_batch_rows < 1:
             raise ValueError(f"scratch_batch_rows must be >= 1, got {self.scratch_batch_rows}")
-        if not self.scratch:
-            self.scratch = self.output.rstrip("/") + "_scratch"
+        self.rejects = self.rejects or join(self.output, "rejects")
+        self.scratch = self.scratch or join(self.output, "_scratch")
 
-
-def _init_ray(cfg: FilterConfig) -> None:
-    from raylib.ray_env import init_data_ray
-
-    init_data_ray(cfg.local_num_cpus, cfg.block_mib)
+    @property
+    def kept(self) -> str:
+        """The kept pairs (Parquet dir): what the mining job reads."""
+        return join(self.output, "kept")
 
 
 def _log(msg: str) -> None:
@@ -90,16 +87,17 @@ def _rate(rows: int, seconds: float) -> float:
 
 
 def run(cfg: FilterConfig) -> dict:
-    """Run the curation job; returns the summary (also written to <output>/_summary.json)."""
+    """Run the curation job; writes <output>/summary.json, prints the report, returns the summary."""
     import pyarrow as pa
 
     import ray
+    from raylib.jobs.ray_env import init_data_ray
     from raylib.ray_data import consistency as cons
     from raylib.ray_data.embed import embed
     from raylib.ray_data.io import (ROWS_PER_BATCH, count_rows, read_table, split_rejects,
                                     value_counts, write_parquet)
 
-    _init_ray(cfg)
+    init_data_ray(cfg.local_num_cpus, cfg.block_mib)
     t_start = time.perf_counter()
     stages: dict[str, dict] = {}
 
@@ -171,10 +169,10 @@ def run(cfg: FilterConfig) -> dict:
                                     cfg.heuristics.duplicate, stats, num_cpus=cfg.num_cpus_per_shard,
                                     num_gpus=cfg.num_gpus_per_actor if gpu else None,
                                     use_gpu=None if gpu else False)
-        write_parquet(ranked, cfg.output)
+        write_parquet(ranked, cfg.kept)
         if not cfg.keep_scratch:
             cons.delete_scratch(cfg.scratch)
-    num_kept = count_rows(cfg.output) if num_survivors else 0
+    num_kept = count_rows(cfg.kept) if num_survivors else 0
     shard_stats = ray.get(stats.get.remote())
     totals = cons.summarize_shards(shard_stats)
     stage("rank_and_write", num_survivors, t0)
@@ -198,6 +196,7 @@ def run(cfg: FilterConfig) -> dict:
                    "min_pairs": totals["shard_pairs_min"], "max_pairs": totals["shard_pairs_max"]},
         "throughput": stages,
         "seconds": round(time.perf_counter() - t_start, 2),
+        "outputs": {"kept": cfg.kept, "rejects": cfg.rejects},
         "config": asdict(cfg),
     }
     # invariants: every input row is accounted for exactly once
@@ -206,15 +205,18 @@ def run(cfg: FilterConfig) -> dict:
     assert (summary["rejected"] + sum(dropped.values()) + summary["dropped_by_consistency"]
             + num_kept == num_input), summary
     summary["pairs_per_s"] = _rate(num_input, summary["seconds"])
-    write_text(join(cfg.output, "_summary.json"), json.dumps(summary, indent=2))
-    return summary
+    lines = [f"{num_input} pairs in, {num_kept} kept -> {cfg.kept}",
+             f"rejected {summary['rejected']} {summary['rejected_by_reason']} -> {cfg.rejects}",
+             f"dropped by heuristics {sum(dropped.values())} "
+             f"{ {k: v for k, v in dropped.items() if v} }, by consistency (top {cfg.top_k}) "
+             f"{summary['dropped_by_consistency']}",
+             f"{totals['num_shards']} shards; {seconds(summary['seconds'])} "
+             f"({summary['pairs_per_s']} pairs/s)"]
+    return finish("filter", summary, cfg.output, lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_job_args(FilterConfig, __doc__.split("\n")[0], argv)
-    summary = run(cfg)
-    print(json.dumps(summary))
-    return summary
+def main(argv: Sequence[str] | None = None) -> dict:
+    return run(parse_job_args(FilterConfig, __doc__.split("\n")[0], argv))
 
 
 if __name__ == "__main__":

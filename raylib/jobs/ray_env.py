@@ -16,6 +16,9 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "RAY_AUTH_MODE", "TOKENIZERS_PARALLELISM", "R
 DATA_WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2"}
 
 
+_STARTED_HERE: list[bool] = []  # non-empty once this process started its own local Ray
+
+
 def init_data_ray(num_cpus: int | None = None, block_mib: int | None = 16, **kwargs) -> None:
     """`init_ray` for the Ray Data jobs (filter, mine): workers get DATA_WORKER_ENV, Parquet is
     read one task per file, and Ray Data blocks are capped at `block_mib` (Ray's default, 128 MiB,
@@ -35,28 +38,36 @@ def init_data_ray(num_cpus: int | None = None, block_mib: int | None = 16, **kwa
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None, attempts: int = 3,
-             extra_env: dict[str, str] | None = None, **kwargs) -> None:
-    """Join `address` or $RAY_ADDRESS (`ray job submit`, a cluster) if given, else start a local Ray
-    with `num_cpus` scheduling tokens (more than cores, so actors never starve read tasks).
+             extra_env: dict[str, str] | None = None, **kwargs) -> bool:
+    """The one way every job, the pipeline, Serve and the benches reach Ray. Joins `address`
+    ("auto": a running local Ray) or $RAY_ADDRESS (`ray job submit`, a cluster) if given, else
+    starts a local Ray with `num_cpus` scheduling tokens (more than cores, so actors never starve
+    read tasks). Returns True when it joined a running cluster.
 
-    A local start is retried: Ray's raylet start-up limit (30 s, fixed) is exceeded on an
-    overloaded host. The job's environment (offline hub, auth mode, S3 endpoint) is forwarded.
+    A local start includes the dashboard: Ray Train's PlacementGroupCleaner polls the controller
+    through the State API, which the dashboard serves; without it every poll logs "Failed to query
+    Ray Train Controller actor state" (once a second for the whole fit). A local start is retried:
+    Ray's raylet start-up limit (30 s, fixed) is exceeded on an overloaded host. The job's
+    environment (offline hub, auth mode, S3 endpoint) is forwarded to the workers.
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return not _STARTED_HERE
     env = {"env_vars": {**(extra_env or {}),
                         **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}}
     kwargs.setdefault("runtime_env", env)
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **kwargs)
-        return
+        return True
     for attempt in range(attempts):
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
-            return
+            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=None, **kwargs)
+            _STARTED_HERE.append(True)
+            return False
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
             if "timed out during startup" not in str(e) or attempt == attempts - 1:
                 raise
             ray.shutdown()
+    raise AssertionError("unreachable")

@@ -1,16 +1,10 @@
-"""The training loop's extension point: how one batch of rows becomes a loss.
-
-The loop (raylib.ray_train.loop) owns the model, optimizer, schedule, gradient cache, checkpoints,
-metrics. An Objective owns tokenization, which heads to run, and the loss. Pretraining uses
-ContrastiveObjective; finetuning (hard negatives, M3 heads, self-distillation) plugs in its own.
-
-This module imports no Ray: an Objective is plain PyTorch and is testable without a cluster.
-"""
+"""Arctic-Embed 2.0 App. C contrastive pretraining objective: InfoNCE of queries against in-batch
+documents gathered from every worker, with Matryoshka prefixes. Plain PyTorch, no Ray."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 
@@ -18,38 +12,7 @@ from raylib.losses.gather import all_gather_offset, all_gather_with_grad
 from raylib.losses.infonce import info_nce
 from raylib.losses.matryoshka import matryoshka_loss
 from raylib.model import Encoder
-
-Features = dict[str, dict[str, torch.Tensor]]  # {side: {"input_ids": [b, L], "attention_mask": [b, L]}}
-Reps = dict[str, dict[str, torch.Tensor]]      # {side: {"dense": [b, H], ...}}
-
-
-@runtime_checkable
-class Objective(Protocol):
-    """How a batch becomes a loss. The loop owns model, optimizer, schedule, grad cache, checkpoints.
-
-    Contract (what the loop relies on):
-    - `features(encoder, rows)`: `encoder` is the unwrapped Encoder (has .tokenize); `rows` is THIS
-      worker's share of one global batch, {column: list} (every column of the Parquet input, incl.
-      `source`, `language`). Returns {side: {"input_ids": [n_side, L], "attention_mask": [n_side, L]}};
-      the rows of a side may be more than the batch rows (finetune: 1 positive + n negatives per query
-      flattened). Each side is padded to one length (tokenize the whole side at once).
-    - `embed(model, side, features)`: `model` is callable like Encoder.forward (it may be the DDP
-      wrapper: call it, don't call its methods). `features` is a row chunk of one side (gradient
-      caching calls it on chunks, twice: once without grad, once with grad and the same RNG state).
-      Returns {name: tensor [chunk, ...]}; float tensors get gradients, others (masks) pass through.
-    - `loss(reps, features, rows)`: reps of the full local batch per side, concatenated over chunks.
-      Returns (scalar loss, {metric: float}). Cross-worker gathers happen in here: every rank calls
-      loss exactly once per step. The loss is this rank's mean; the loop averages gradients over ranks
-      (DDP), so the loss should be the global loss restricted to this rank's queries.
-    - optional attribute `pad_across_workers: bool` (default False): when True the loop pads each side
-      to the longest length over all workers, so gathered per-token reps (multi-vector) line up.
-    """
-
-    def features(self, model: Encoder, rows: dict[str, list]) -> Features: ...
-
-    def embed(self, model: Any, side: str, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
-
-    def loss(self, reps: Reps, features: Features, rows: dict[str, list]) -> tuple[torch.Tensor, dict[str, float]]: ...
+from raylib.objectives.base import Features, Reps
 
 
 @dataclass

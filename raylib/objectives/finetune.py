@@ -1,4 +1,4 @@
-"""Finetuning objective for the shared training loop (raylib.ray_train.loop): 1 query + 1 positive +
+"""Finetuning objective for the training loop (raylib.ray_train.loop): 1 query + 1 positive +
 n mined hard negatives per row (Arctic-Embed 2.0 App. C), or BGE-M3's three heads with
 self-knowledge distillation (M3 §3.2-3.3).
 
@@ -8,7 +8,7 @@ positive first. The loss is InfoNCE over the group, optionally widened with in-b
 cross-worker negatives (for all three heads in M3 mode; FlagEmbedding gathers only the dense
 head's), plus optional Matryoshka (Arctic §2.5) and distillation from the stored teacher scores.
 
-Like raylib.ray_train.objective this module imports no Ray; the gathers are no-ops without a
+Like raylib.objectives.contrastive this module imports no Ray; the gathers are no-ops without a
 process group, so the objective is testable in one process.
 """
 
@@ -26,7 +26,6 @@ from raylib.losses.hard_negative import group_targets, hard_negative_infonce, ow
 from raylib.losses.m3 import M3Weights, m3_head_scores, m3_self_distill_loss
 from raylib.losses.matryoshka import matryoshka_loss
 from raylib.model import Encoder
-from raylib.ray_train.loop import CheckpointSection, TrainJobConfig
 
 NEGATIVE_MODES = ("hard", "in_batch", "cross_worker")
 REQUIRED = ("query", "positive", "negatives")
@@ -235,21 +234,3 @@ def group_lengths(model: Encoder, rows: dict[str, list], num_negatives: int, max
     g = 1 + num_negatives
     lengths = model.tokenize(groups.documents, "document", max_length, padding=False)["input_ids"]
     return [max(len(t) for t in lengths[i * g:(i + 1) * g]) for i in range(len(rows["query"]))]
-
-
-@dataclass
-class FinetuneJobConfig(TrainJobConfig):
-    """jobs/finetune.py's config: the training loop's sections + the finetuning objective."""
-
-    objective: FinetuneObjective = field(default_factory=FinetuneObjective)
-    length_grouping: LengthGroupingSection = field(default_factory=LengthGroupingSection)
-    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(name="finetune"))
-
-    def __post_init__(self) -> None:
-        if self.objective.mode == "m3":  # M3 mode trains all three heads: a dense model gets new ones
-            self.model.m3_heads = True
-
-
-def make_objective(cfg: FinetuneJobConfig) -> FinetuneObjective:
-    """The objective of a finetuning config (top-level: Ray pickles it to the workers)."""
-    return cfg.objective

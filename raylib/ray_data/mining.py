@@ -11,10 +11,10 @@ process ever holds a [queries x corpus] score matrix.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -26,84 +26,8 @@ from raylib import mining as M
 from raylib.ray_data.embed import embed
 from raylib.ray_data.io import ROWS_PER_BATCH, read_table, split_rejects, write_parquet
 
-
-# ----------------------------------------------------------------------------- config
-@dataclass
-class InputConfig:
-    kind: str = "pairs"            # pairs (a table) | beir (a BEIR dir + split)
-    path: str = ""                 # pairs: Parquet/JSONL file(s) or dir, local or s3://; beir: the dir
-    split: str = "train"           # beir: qrels/<split>.tsv
-    corpus: str | None = None      # extra documents (column `document`, optional `id`); pairs' documents are always in
-    max_chars: int | None = None   # pairs longer than this (query or document) are rejected
-    source: str | None = None      # beir: source label (default: the dir name)
-    language: str = "en"           # beir: language label
-
-
-@dataclass
-class ResourcesConfig:
-    embed_concurrency: int = 1
-    embed_num_gpus: float = 0
-    embed_num_cpus: float = 0.5
-    embed_num_threads: int | None = None  # torch threads per embedding actor (None: Ray's, from num_cpus)
-    embed_batch_size: int = 64
-    max_length: int | None = None      # teacher max tokens (None: the model's own)
-    mine_concurrency: int = 1
-    mine_batch_size: int = 256         # queries per search call
-    mine_num_cpus: float = 0.5
-    shard_num_cpus: float = 0.5
-    shard_num_gpus: float = 0          # > 0: shards reserve a GPU and use a FAISS GPU index
-    corpus_batch_size: int = 4096      # corpus rows routed to shards per driver step
-    ray_num_cpus: int | None = 8       # only when this job starts a local Ray (tokens, not cores)
-
-
-@dataclass
-class OutputConfig:
-    path: str = "runs/mine/mined"      # Parquet dir, local or s3://
-    rejects: str | None = None         # default <path>_rejects (input rows with a reason)
-    too_few: str | None = None         # default <path>_too_few (rows dropped for too few negatives)
-    summary: str | None = None         # default <path>_summary.json (local only)
-    histogram_bins: int = 20
-
-
-@dataclass
-class MineJobConfig:
-    teacher: str = "minilm"            # model dir or name
-    candidates: int = 100              # top-K retrieved per query before filtering
-    num_negatives: int = 10
-    strategy: str = "topk_percpos"     # topk_percpos | topk_abs | rank_window
-    max_pos_ratio: float = 0.95
-    max_score: float | None = None
-    range_min: int = 0
-    range_max: int = 200
-    too_few: str = "drop"              # drop | pad
-    pos_reference: str = "min"         # min | pair
-    order: str = "random"              # random | margin | mean_neg | min_neg
-    seed: int = 0
-    max_docs_per_shard: int | None = 1_000_000
-    input: InputConfig = field(default_factory=InputConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-
-    def rule(self) -> M.NegativeRule:
-        return M.NegativeRule(strategy=self.strategy, num_negatives=self.num_negatives,
-                              max_pos_ratio=self.max_pos_ratio, max_score=self.max_score,
-                              range_min=self.range_min, range_max=self.range_max,
-                              too_few=self.too_few, pos_reference=self.pos_reference).validate()
-
-    def validate(self) -> "MineJobConfig":
-        self.rule()
-        if self.order not in M.ORDERS:
-            raise ValueError(f"order {self.order!r} is not one of {M.ORDERS}")
-        if self.input.kind not in ("pairs", "beir"):
-            raise ValueError(f"input.kind {self.input.kind!r} is not one of ('pairs', 'beir')")
-        if not self.input.path:
-            raise ValueError("input.path is required")
-        if self.candidates < self.num_negatives:
-            raise ValueError(f"candidates ({self.candidates}) < num_negatives ({self.num_negatives})")
-        if self.strategy == "rank_window" and self.range_max > self.candidates:
-            raise ValueError(f"range_max ({self.range_max}) > candidates ({self.candidates}): "
-                             "the window must lie inside the retrieved list")
-        return self
+if TYPE_CHECKING:
+    from raylib.jobs.mine import MineJobConfig
 
 
 # ----------------------------------------------------------------------------- shards
@@ -384,13 +308,12 @@ def _drop_internal(batch: pa.Table, want_ok: bool) -> pa.Table:
 
 # ----------------------------------------------------------------------------- the job
 def run_mining(cfg: MineJobConfig) -> dict:
-    """Run the whole mining job on the current Ray cluster; returns the summary dict."""
+    """Run the mining stages on the current Ray cluster; returns the summary dict (the job,
+    raylib.jobs.mine, writes it and reports)."""
     cfg.validate()
     start = time.time()
     r = cfg.resources
-    out = cfg.output
-    rejects_path = out.rejects or out.path.rstrip("/") + "_rejects"
-    too_few_path = out.too_few or out.path.rstrip("/") + "_too_few"
+    mined_path, rejects_path, too_few_path = cfg.outputs["mined"], cfg.outputs["rejects"], cfg.outputs["too_few"]
 
     if cfg.input.kind == "beir":
         good, rejects, corpus, n_input, _ = _beir_inputs(cfg)
@@ -411,7 +334,7 @@ def run_mining(cfg: MineJobConfig) -> dict:
         corpus = corpus.union(extra)
         corpus_rejected = _count_reasons(extra_rej)
         if corpus_rejected:
-            write_parquet(extra_rej, rejects_path.rstrip("/") + "_corpus")
+            write_parquet(extra_rej, cfg.outputs["corpus_rejects"])
     corpus = corpus.materialize()
     n_pairs = pairs.count()
     if n_input is None:  # split_rejects puts every input row in exactly one of good / rejects
@@ -438,8 +361,8 @@ def run_mining(cfg: MineJobConfig) -> dict:
     ).materialize()
 
     counts = {"kept": 0, "padded": 0, "dropped_too_few": 0}
-    pos_hist = M.ScoreHistogram(bins=out.histogram_bins)
-    neg_hist = M.ScoreHistogram(bins=out.histogram_bins)
+    pos_hist = M.ScoreHistogram(bins=cfg.histogram_bins)
+    neg_hist = M.ScoreHistogram(bins=cfg.histogram_bins)
     for batch in mined.select_columns(["status", "positive_score", "negative_scores"]).iter_batches(
             batch_format="pyarrow", batch_size=65536):
         status = np.asarray(batch.column("status").to_pylist(), dtype=object)
@@ -458,7 +381,7 @@ def run_mining(cfg: MineJobConfig) -> dict:
         kept = mined.map_batches(_keep_with_key, batch_format="pyarrow", num_cpus=0.25,
                                  batch_size=ROWS_PER_BATCH) \
             .sort("order_key").drop_columns(["order_key"])
-    write_parquet(kept, out.path)
+    write_parquet(kept, mined_path)
     if counts["dropped_too_few"]:
         write_parquet(mined.map_batches(_drop_internal, fn_args=(False,), batch_format="pyarrow",
                                         num_cpus=0.25, batch_size=ROWS_PER_BATCH), too_few_path)
@@ -469,7 +392,7 @@ def run_mining(cfg: MineJobConfig) -> dict:
 
     n_rejected = sum(rejected.values())
     summary = {
-        "job": "mine", "teacher": cfg.teacher, "strategy": cfg.strategy, "order": cfg.order,
+        "teacher": cfg.teacher, "strategy": cfg.strategy, "order": cfg.order,
         "counts": {"input": n_input, "rejected": n_rejected, "rejected_by_reason": rejected,
                    "pairs": n_pairs, "dropped_too_few": counts["dropped_too_few"],
                    "padded": counts["padded"], "kept": counts["kept"],
@@ -477,18 +400,13 @@ def run_mining(cfg: MineJobConfig) -> dict:
                                and n_pairs == counts["dropped_too_few"] + counts["kept"])},
         "corpus": {**shard_info, "rejected_by_reason": corpus_rejected},
         "histograms": {"positive_score": pos_hist.to_dict(), "negative_score": neg_hist.to_dict()},
-        "outputs": {"mined": out.path, "rejects": rejects_path if rejected else None,
+        "outputs": {"mined": mined_path, "rejects": rejects_path if rejected else None,
                     "too_few": too_few_path if counts["dropped_too_few"] else None},
         "config": asdict(cfg),
         "seconds": round(time.time() - start, 1),
     }
     if not summary["counts"]["adds_up"]:
         raise AssertionError(f"mining counts do not add up: {summary['counts']}")
-    summary_path = out.summary or out.path.rstrip("/") + "_summary.json"
-    if not summary_path.startswith(("s3://", "s3a://")):
-        Path(summary_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(summary_path).write_text(json.dumps(summary, indent=2))
-        summary["outputs"]["summary"] = summary_path
     return summary
 
 
@@ -498,15 +416,3 @@ def _keep_with_key(batch: pa.Table) -> pa.Table:
     out = _drop_internal(batch, True)
     ok = pa.array([s != M.TOO_FEW_STATUS for s in batch.column("status").to_pylist()])
     return out.append_column("order_key", key.filter(ok))
-
-
-def ray_init_for_job(num_cpus: int | None) -> None:
-    """Connect to a running cluster (RAY_ADDRESS, `ray job submit`) or start a local one."""
-    from raylib.jobs.ray_env import init_data_ray
-
-    init_data_ray(num_cpus)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-
-

@@ -1,12 +1,13 @@
 """The one Ray Train loop for contrastive pretraining and finetuning.
 
-`fit(cfg, objective_factory)` plans the data (raylib.ray_train.data), starts a TorchTrainer, and in
+`fit(cfg, objective)` plans the data (raylib.ray_train.data), starts a TorchTrainer, and in
 each worker runs: tokenize (Objective.features) -> embed + loss with optional gradient caching
 (raylib.gradcache) -> grad clip -> AdamW -> WSD schedule; every `checkpoint.every_steps` steps (and at
 the end) it reports a checkpoint: a loadable model directory (Encoder.save_pretrained layout) plus
 `train_state.pt` (optimizer, scheduler, next step = data position) and `metrics.jsonl`.
 A restarted worker group (FailureConfig) or a second fit() with the same name resumes at the exact
-next batch. The config sections below are reused by jobs/pretrain.py and jobs/finetune.py.
+next batch. The config sections are raylib.train_config's; the objective (raylib.objectives) is
+plain PyTorch and is pickled to the workers as it is.
 """
 
 from __future__ import annotations
@@ -14,105 +15,22 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from raylib.gradcache import forward_backward, pad_features
 from raylib.model import Encoder, autocast_for
 from raylib.schedule import wsd_scheduler
+from raylib.storage import join, read_text, write_bytes, write_text
+from raylib.train_config import ModelSection, TrainJobConfig, TrainSection
 
 TRAIN_STATE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
-
-
-# ----------------------------------------------------------------------------- config sections
-@dataclass
-class ModelSection:
-    """Starting checkpoint: a model dir or name (minilm, me5-small), or `tiny` (raylib.tiny)."""
-
-    name_or_path: str = "minilm"
-    tiny: dict = field(default_factory=dict)         # kwargs of raylib.tiny.tiny_encoder when name is tiny
-    activation_checkpointing: bool = False            # backbone.gradient_checkpointing_enable()
-    matryoshka_dims: list[int] = field(default_factory=list)  # written into the saved settings
-    m3_heads: bool = False  # attach fresh sparse + multi-vector heads (M3 §3.2) if the checkpoint has none
-
-
-@dataclass
-class DataSection:
-    """Pairs (Parquet or JSONL; local or s3://), batched per source (x language), seeded order."""
-
-    paths: list[str] = field(default_factory=list)
-    format: str = "parquet"
-    global_batch_size: int = 32
-    source_batch_sizes: dict = field(default_factory=dict)  # {source key or ending: global batch size}
-    epochs: int = 1
-    seed: int = 0
-
-
-@dataclass
-class TrainSection:
-    """Optimizer, schedule, gradient caching, precision, logging."""
-
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup: float = 0.0        # steps (integer) or a fraction of all steps (0 < x < 1)
-    decay: float = 0.0         # linear decay over the last steps (integer) or fraction
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    max_steps: int = 0          # 0: all epochs
-    grad_cache_chunk: int = 0   # rows per chunk for gradient caching; 0 = one plain forward/backward
-    bf16: bool = True           # autocast on GPU (no effect on CPU)
-    seed: int = 0               # weights of a tiny model, dropout
-    torch_threads: int = 0      # torch.set_num_threads in each worker (0: Ray's default)
-    log_every: int = 1
-    peak_tflops: float = 989.0  # per GPU, for the MFU estimate (H100 SXM dense bf16)
-    fail_at_step: int = -1      # test switch: raise once in rank 0 at this step (worker failure)
-    log_consumed: bool = False  # write consumed_rank{r}.jsonl (row ids per step) to the run dir
-
-
-@dataclass
-class CheckpointSection:
-    """Where checkpoints go (local dir or s3://) and how often."""
-
-    storage_path: str = "runs"
-    name: str = "pretrain"
-    every_steps: int = 100
-    num_to_keep: int = 2
-    local_dir: str = "runs"     # metrics.jsonl and the PNG when storage_path is remote
-
-
-@dataclass
-class ScalingSection:
-    """Ray Train workers; fractional CPUs keep 2-core machines from starving Ray Data tasks."""
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 0.5
-    max_failures: int = 0
-    ray_address: str = ""       # empty: connect to a running cluster or start a local one
-    ray_num_cpus: int = 8       # CPU tokens of a local Ray started here
-
-
-@dataclass
-class TrainJobConfig:
-    """The sections every training job has; jobs add their objective's section."""
-
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-
-
-ObjectiveFactory = Callable[[Any], Any]  # cfg -> Objective (a top-level function: it is pickled)
 
 
 def is_remote(path: str) -> bool:
@@ -120,7 +38,8 @@ def is_remote(path: str) -> bool:
 
 
 def run_dir(cfg: TrainJobConfig) -> Path:
-    """Local directory for metrics.jsonl, the curves PNG and test logs."""
+    """Rank 0's working directory for metrics.jsonl (published to storage by `fit` at the end; each
+    checkpoint carries a copy) and the test switches' logs."""
     base = cfg.checkpoint.local_dir if is_remote(cfg.checkpoint.storage_path) else cfg.checkpoint.storage_path
     return Path(base).expanduser().resolve() / cfg.checkpoint.name
 
@@ -260,7 +179,9 @@ def train_worker(config: dict) -> None:
             state = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location="cpu", weights_only=False)
             encoder.load_state_dict(state["model"])
             start_step = int(state["next_step"])
-    objective = config["objective_factory"](cfg)
+            if rank == 0 and (Path(ckpt_dir) / METRICS_FILE).exists():  # rank 0 may be on a new node
+                shutil.copy(Path(ckpt_dir) / METRICS_FILE, out_dir / METRICS_FILE)
+    objective = config["objective"]
     if world > 1:
         # heads the objective does not use (a dense-only objective on a model with M3 heads) need
         # find_unused_parameters; an objective may say so itself.
@@ -362,20 +283,14 @@ def progress_line(record: dict, total_steps: int) -> str:
 
 
 # ----------------------------------------------------------------------------- the driver
-def init_ray(s: ScalingSection) -> None:
-    """Connect to the configured or running cluster, else start a local Ray with ray_num_cpus tokens."""
-    from raylib.jobs.ray_env import init_ray as _init
-
-    _init(s.ray_num_cpus, s.ray_address or None)
-
-
-def fit(cfg: TrainJobConfig, objective_factory: ObjectiveFactory) -> dict:
+def fit(cfg: TrainJobConfig, objective: Any) -> dict:
     """Plan the data, run the TorchTrainer, plot the curves; returns a summary dict."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     import ray
 
+    from raylib.jobs.ray_env import init_ray
     from raylib.ray_train.data import make_plan, read_pairs, split_sources
 
     s = cfg.scaling
@@ -386,8 +301,7 @@ def fit(cfg: TrainJobConfig, objective_factory: ObjectiveFactory) -> dict:
     if cfg.data.global_batch_size % s.num_workers:
         raise ValueError(f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by "
                          f"scaling.num_workers {s.num_workers}")
-    objective_factory(cfg)  # a config error should surface here, not in a worker
-    init_ray(s)
+    init_ray(s.ray_num_cpus, s.ray_address or None)
     start = time.time()
     tables = split_sources(read_pairs(cfg.data.paths, cfg.data.format))
     plan = make_plan(tables, cfg.data.global_batch_size, s.num_workers, cfg.data.seed, cfg.data.epochs,
@@ -406,7 +320,7 @@ def fit(cfg: TrainJobConfig, objective_factory: ObjectiveFactory) -> dict:
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg, "objective_factory": objective_factory, "plan": plan,
+        train_loop_config={"cfg": cfg, "objective": objective, "plan": plan,
                            "tables": table_refs, "run_dir": str(out)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
@@ -414,22 +328,32 @@ def fit(cfg: TrainJobConfig, objective_factory: ObjectiveFactory) -> dict:
                              failure_config=FailureConfig(max_failures=s.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)))
     result = trainer.fit()
-    curves = plot_metrics(out / METRICS_FILE, out / "curves.png")
     final = result.checkpoint.path if result.checkpoint is not None else None
     if final is not None and storage_fs is not None:
         final = f"s3://{final}"
-    return {"checkpoint": final, "run_dir": str(out), "metrics": result.metrics,
-            "curves": str(curves) if curves else None, "plan": plan.summary(),
-            "seconds": round(time.time() - start, 1), "config": asdict(cfg)}
+    location = join(storage if storage_fs is None else f"s3://{storage}", cfg.checkpoint.name)
+    published = publish_metrics(final, location) if final else {}
+    return {"checkpoint": final, "output": location, "metrics": result.metrics, **published,
+            "plan": plan.summary(), "seconds": round(time.time() - start, 1), "config": asdict(cfg)}
 
 
-def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
-    """Loss (total and per Matryoshka dim), LR and throughput against step, as a PNG (Agg)."""
-    if not metrics_path.exists():
-        return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return None
+def publish_metrics(checkpoint: str, location: str) -> dict[str, str]:
+    """Copy metrics.jsonl from the final checkpoint (written on rank 0's node) into the run's
+    storage location and plot it there as curves.png: nothing stays on one node's disk."""
+    text = read_text(join(checkpoint, METRICS_FILE))
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    write_text(join(location, METRICS_FILE), text)
+    out = {"metrics_path": join(location, METRICS_FILE)}
+    if rows:
+        write_bytes(join(location, "curves.png"), plot_metrics(rows))
+        out["curves"] = join(location, "curves.png")
+    return out
+
+
+def plot_metrics(rows: list[dict]) -> bytes:
+    """Loss (total and per Matryoshka dim), LR and throughput against step, as PNG bytes (Agg)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -448,12 +372,7 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=80)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
-    return png_path
-
-
-def print_summary(summary: dict) -> None:
-    """Last stdout line = one JSON object (job convention)."""
-    keep = {k: v for k, v in summary.items() if k != "config"}
-    print(json.dumps(keep, default=str), file=sys.stdout, flush=True)
+    return buffer.getvalue()

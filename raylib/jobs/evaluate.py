@@ -1,0 +1,79 @@
+"""Evaluate an embedding model on a BEIR data set (nDCG@10, Recall@100 with trec_eval's definitions).
+
+  python jobs/evaluate.py --config jobs/configs/evaluate/debug.yaml
+  python jobs/evaluate.py --model minilm --data ../shared/data/scifact --split test \
+      [--set modes=dense,sparse,multivector,hybrid] [--set dims=384,128] [--set quantization=none,int8,binary]
+
+`--model`, `--data`, `--split` and `--output` are shortcuts for `--set model=...` etc.; `--config` is
+optional here. Result keys: `dense`, `dense@<dim>` (Matryoshka-truncated), `<key>/int8` and
+`<key>/binary` (quantized corpus with float rescoring), `sparse`, `multivector`, `hybrid`.
+Output location `output` (default runs/evaluate/<data>-<split>-<model>): summary.json.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from raylib.config import parse_job_args
+from raylib.jobs.summary import finish, seconds
+from raylib.storage import is_s3
+
+SHORTCUTS = {"model": "model", "data": "data", "split": "split", "output": "output"}
+
+
+@dataclass
+class EvaluateConfig:
+    """Config of the evaluation job (unknown keys are an error)."""
+
+    model: str = ""                  # model dir or name (minilm, me5-small)
+    data: str = ""                   # BEIR dir (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)
+    split: str = "test"
+    modes: list[str] = field(default_factory=lambda: ["dense"])  # dense, sparse, multivector, hybrid
+    dims: list[int] = field(default_factory=list)                 # Matryoshka truncations of dense
+    quantization: list[str] = field(default_factory=lambda: ["none"])  # none, int8, binary
+    batch_size: int = 64
+    output: str = ""                 # local dir or s3:// (default runs/evaluate/<data>-<split>-<model>)
+
+    def __post_init__(self) -> None:
+        for name in ("model", "data"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required (--{name} or --set {name}=...)")
+        if not self.output:
+            names = [Path(self.data.rstrip("/")).name, self.split, Path(str(self.model).rstrip("/")).name]
+            self.output = str(Path("runs") / "evaluate" / "-".join(names))
+
+
+def run(cfg: EvaluateConfig) -> dict:
+    """Encode the split's queries and corpus, score every mode; writes summary.json and reports."""
+    from raylib.beir import load_beir
+    from raylib.evaluation import evaluate_encoder
+    from raylib.model import Encoder
+
+    if is_s3(cfg.data):
+        raise ValueError(f"data must be a local BEIR dir (got {cfg.data})")
+    start = time.time()
+    encoder = Encoder.from_pretrained(cfg.model)
+    data = load_beir(cfg.data, cfg.split)
+    print(f"[evaluate] {len(data.queries)} queries, {len(data.corpus)} documents", file=sys.stderr)
+    results = evaluate_encoder(encoder, data, cfg.modes, cfg.dims, cfg.quantization,
+                               batch_size=cfg.batch_size, show_progress=True)
+    summary = {"model": str(cfg.model), "data": str(cfg.data), "split": cfg.split,
+               "num_queries": len(data.queries), "num_documents": len(data.corpus),
+               "results": results, "seconds": round(time.time() - start, 1), "config": asdict(cfg)}
+    lines = [f"{cfg.model} on {cfg.data} ({cfg.split}): {len(data.queries)} queries, "
+             f"{len(data.corpus)} documents; {seconds(summary['seconds'])}"]
+    lines += [f"{key}: " + ", ".join(f"{m} {v:.4f}" for m, v in values.items())
+              for key, values in results.items()]
+    return finish("evaluate", summary, cfg.output, lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    return run(parse_job_args(EvaluateConfig, __doc__.split("\n")[0], argv, shortcuts=SHORTCUTS))
+
+
+if __name__ == "__main__":
+    main()

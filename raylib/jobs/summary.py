@@ -1,0 +1,55 @@
+"""The one summary convention of every job: `<output>/summary.json` (local path or s3://), the same
+JSON as the job's last stdout line, and a short human-readable report on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from raylib.storage import join, read_text, write_text
+
+SUMMARY_FILE = "summary.json"
+
+
+def summary_path(output: str) -> str:
+    """Where a job whose output location is `output` writes its summary."""
+    return join(output, SUMMARY_FILE)
+
+
+def finish(job: str, summary: dict[str, Any], output: str, lines: list[str]) -> dict[str, Any]:
+    """Write `summary` to `<output>/summary.json`, print `lines` (the human report) to stderr and
+    the summary as one JSON line to stdout; returns the summary with `summary_path` added."""
+    summary = {"job": job, **summary, "summary_path": summary_path(output)}
+    text = json.dumps(summary, default=str)
+    write_text(summary["summary_path"], text + "\n")
+    print(f"\n== {job} ==", file=sys.stderr)
+    for line in lines + [f"summary: {summary['summary_path']}"]:
+        print(f"  {line}", file=sys.stderr)
+    sys.stderr.flush()
+    print(text, flush=True)
+    return summary
+
+
+def read_summary(output: str) -> dict[str, Any]:
+    """The summary a job wrote into its output location (local path or s3://)."""
+    return json.loads(read_text(summary_path(output)))
+
+
+def seconds(value: float) -> str:
+    """12.3 -> '12 s', 75 -> '1 min 15 s' (human report)."""
+    value = float(value)
+    return f"{value:.0f} s" if value < 60 else f"{int(value // 60)} min {value % 60:.0f} s"
+
+
+def finish_training(job: str, cfg: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """`finish` for the Ray Train jobs: the summary goes to the run's storage location."""
+    result = {k: v for k, v in result.items() if k != "config"}
+    m, plan = result.get("metrics") or {}, result["plan"]
+    lines = [f"{plan['total_steps']} steps of {plan['global_batch_size']} on {plan['num_workers']} "
+             f"worker(s) from {len(plan['source_rows'])} source(s); {seconds(result['seconds'])}",
+             f"last step: loss {m.get('loss', float('nan')):.4f}, lr {m.get('lr', 0):.2e}, "
+             f"{m.get('examples_per_s', 0)} examples/s",
+             f"checkpoint: {result['checkpoint']}",
+             f"training curves: {result.get('curves')}"]
+    return finish(job, result, result["output"], lines)
