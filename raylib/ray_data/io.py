@@ -1,10 +1,14 @@
 """Ray Data input/output for pair tables: Parquet or JSONL, local or s3://, bad rows quarantined.
 
-`read_table` never fails on a bad row: JSONL is parsed by our own line reader (Ray's JSON reader
-aborts the whole read on one undecodable line or on a column whose type changes), which keeps
-every line and marks what was wrong with it in the internal columns `_bad_fields`/`_raw`.
-`split_rejects` then turns those marks (and null, empty, over-long or non-string values) into a
-`reason` column on a rejects dataset, so every input row is either good or rejected, never lost.
+`read_table` never fails on a bad row or on files whose schemas disagree: both formats are read
+by our own streaming readers, one file at a time in read tasks (Ray's JSON reader aborts the
+whole read on one undecodable line; its Parquet reader and batching fail the job when a column's
+type differs between files). Every user column leaves the reader as UTF-8 text, and what was
+wrong with a value or line is marked in the internal columns `_bad_fields`/`_raw`.
+`split_rejects` then turns those marks (and null, empty, invisible, control-character,
+over-long or non-string values) into a `reason` column on a rejects dataset, so every input row
+is either good or rejected, never lost. Only a file that cannot be read at all fails the read
+(ValueError naming the file).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from ray.data import Dataset
 from ray.data._internal.savemode import SaveMode
@@ -33,41 +38,140 @@ ROWS_PER_BATCH = 10_000
 
 
 # ----------------------------------------------------------------------------- reading
-def _clean_str(value: str) -> tuple[str, bool]:
-    """(valid UTF-8 text, was it undecodable): lone surrogates from surrogateescape -> \\xNN."""
+# Every user column leaves the readers as UTF-8 text (pa.string), whatever its type in the file:
+# blocks of different files then always concatenate (Ray merges the blocks it batches, and a
+# column that is int in one file and string in another fails that merge for the whole job), and
+# how one file is read never depends on another. Values that were not text arrive as text (JSON
+# for nested values) with a `not_string:<col>` mark, which rejects the row if the column is
+# required and is ignored otherwise (a carried `id` of int64 becomes "12").
+_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+_BINARY_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view,
+                 pa.types.is_fixed_size_binary)
+_TEXT_AS_BINARY = {pa.types.is_string: pa.binary(), pa.types.is_large_string: pa.large_binary(),
+                   pa.types.is_string_view: pa.binary_view()}
+
+
+def _clean_str(value: str) -> tuple[str, str | None]:
+    """(valid UTF-8 text, problem): surrogates that cannot be encoded become visible escapes;
+    the problem is `undecodable` (bytes kept by surrogateescape) or `lone_surrogate` (\\ud800)."""
     try:
         value.encode("utf-8")
-        return value, False
+        return value, None
     except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), True
-
-
-def _column(values: list[Any], name: str, bad: list[list[str]]) -> pa.Array:
-    """One block column: strings stay strings; a column mixing strings with other JSON values
-    gets the others as JSON text and a `not_string:<name>` mark; all-null becomes string."""
-    kinds = {type(v) for v in values if v is not None}
-    if not kinds or kinds == {str}:
-        return pa.array(values, type=pa.string())
-    if str not in kinds:
-        try:
-            return pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            pass
-    out = []
-    for i, v in enumerate(values):
-        if v is None or isinstance(v, str):
-            out.append(v)
+        pass
+    out, problem = [], "undecodable"
+    for ch in value:
+        c = ord(ch)
+        if 0xDC80 <= c <= 0xDCFF:  # an undecodable byte kept by surrogateescape
+            out.append(f"\\x{c - 0xDC00:02x}")
+        elif 0xD800 <= c <= 0xDFFF:
+            out.append(f"\\u{c:04x}")
+            problem = "lone_surrogate"
         else:
-            out.append(json.dumps(v, ensure_ascii=False))
-            bad[i].append(f"not_string:{name}")
-    return pa.array(out, type=pa.string())
+            out.append(ch)
+    return "".join(out), problem
+
+
+def _decode_rows(values: list) -> tuple[list[str | None], list[str | None]]:
+    """Bytes per row -> (text, `undecodable` or None); invalid bytes shown as \\xNN."""
+    texts, problems = [], []
+    for b in values:
+        if b is None:
+            texts.append(None)
+            problems.append(None)
+            continue
+        try:
+            texts.append(b.decode("utf-8"))
+            problems.append(None)
+        except UnicodeDecodeError:
+            texts.append(b.decode("utf-8", "backslashreplace"))
+            problems.append("undecodable")
+    return texts, problems
+
+
+def _json_text(value: Any) -> str:
+    """A non-string value as JSON text (UTF-8 clean)."""
+    return _clean_str(json.dumps(value, ensure_ascii=False, default=str))[0]
+
+
+def _text_array(arr: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, list[str | None] | None]:
+    """Any Arrow column as (UTF-8 string array, per-row problem or None; None when no row has one).
+
+    All string types (string, large_string, string_view, dictionary of them) and binary columns
+    holding valid UTF-8 are text; invalid UTF-8 is `undecodable`; any other type is rendered
+    (numbers by Arrow's cast, nested values as JSON) with `not_string` on its non-null rows."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], arr.type)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    t, n = arr.type, len(arr)
+    if pa.types.is_null(t):
+        return pa.nulls(n, pa.string()), None
+    for is_text, binary in _TEXT_AS_BINARY.items():
+        if is_text(t):  # the same bytes, checked for UTF-8 below (Parquet may hold invalid text)
+            arr, t = arr.view(binary), binary
+            break
+    if any(is_bin(t) for is_bin in _BINARY_TYPES):
+        try:
+            return _to_string(arr), None  # validates UTF-8
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            texts, problems = _decode_rows(arr.to_pylist())
+            return pa.array(texts, pa.string()), problems
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    problems = [("not_string" if v else None) for v in valid.tolist()]
+    try:
+        return _to_string(arr), problems
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        texts = [None if v is None else _json_text(v) for v in arr.to_pylist()]
+        return pa.array(texts, pa.string()), problems
+
+
+def _to_string(arr: pa.Array) -> pa.Array:
+    """Arrow cast to string (large_string if the offsets of one string array would overflow)."""
+    try:
+        return pc.cast(arr, pa.string())
+    except pa.ArrowCapacityError:
+        return pc.cast(arr, pa.large_string())
+
+
+def _join_marks(n: int, columns: dict[str, list[str | None] | None],
+                existing: list[str | None] | None = None) -> pa.Array:
+    """Per row "kind:col,..." from per-column problems (null where a row has none)."""
+    marks: list[list[str]] = [[] if existing is None or not existing[i] else [existing[i]]
+                              for i in range(n)]
+    for name, problems in columns.items():
+        if problems is None:
+            continue
+        for i, p in enumerate(problems):
+            if p is not None:
+                marks[i].append(f"{p}:{name}")
+    return pa.array([",".join(m) if m else None for m in marks], type=pa.string())
+
+
+def text_table(table: pa.Table) -> pa.Table:
+    """A file's block with every user column as text and its problems in `_bad_fields` (pure).
+
+    Internal columns already present (from the JSONL parser) are kept and extended."""
+    n = table.num_rows
+    columns, problems = {}, {}
+    for i, name in enumerate(table.column_names):
+        if name in INTERNAL or name in columns:  # a repeated column name keeps its first column
+            continue
+        columns[name], problems[name] = _text_array(table.column(i))
+    existing = table.column(BAD_FIELDS).to_pylist() if BAD_FIELDS in table.column_names else None
+    columns[BAD_FIELDS] = _join_marks(n, problems, existing)
+    columns[RAW] = (_text_array(table.column(RAW))[0] if RAW in table.column_names
+                    else pa.nulls(n, pa.string()))
+    return pa.table(columns)
 
 
 def parse_jsonl_lines(lines: Sequence[bytes]) -> pa.Table:
-    """Parse JSONL lines into a table without ever raising on a bad line (pure, no Ray).
+    """Parse JSONL lines into an all-text table without ever raising on a bad line (pure, no Ray).
 
     Lines that are not UTF-8 JSON objects keep their text in `_raw` and a mark in `_bad_fields`
-    (`invalid_json`, `not_object`); fields with undecodable bytes become `undecodable:<col>`.
+    (`invalid_json`, `not_object`); string fields with undecodable bytes or lone surrogate
+    escapes are cleaned and marked `undecodable:<col>` / `lone_surrogate:<col>`; non-string
+    values become JSON text marked `not_string:<col>`.
     """
     rows: list[dict] = []
     bad: list[list[str]] = []
@@ -77,7 +181,7 @@ def parse_jsonl_lines(lines: Sequence[bytes]) -> pa.Table:
         text = line.decode("utf-8", "surrogateescape")
         try:
             obj = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             obj = None
         if not isinstance(obj, dict):
             marks.append("invalid_json" if obj is None else "not_object")
@@ -88,10 +192,15 @@ def parse_jsonl_lines(lines: Sequence[bytes]) -> pa.Table:
         row = {}
         for key, value in obj.items():
             key = _clean_str(str(key))[0]
-            if isinstance(value, str):
-                value, undecodable = _clean_str(value)
-                if undecodable:
-                    marks.append(f"undecodable:{key}")
+            if key in INTERNAL:
+                continue
+            if value is not None and not isinstance(value, str):
+                value = _json_text(value)
+                marks.append(f"not_string:{key}")
+            elif value is not None:
+                value, problem = _clean_str(value)
+                if problem:
+                    marks.append(f"{problem}:{key}")
             row[key] = value
         rows.append(row)
         raws.append(None)
@@ -99,15 +208,21 @@ def parse_jsonl_lines(lines: Sequence[bytes]) -> pa.Table:
     names: list[str] = []
     for row in rows:
         names.extend(k for k in row if k not in names)
-    columns = {name: _column([r.get(name) for r in rows], name, bad) for name in names}
+    columns = {name: pa.array([r.get(name) for r in rows], type=pa.string()) for name in names}
     columns[BAD_FIELDS] = pa.array([",".join(m) if m else None for m in bad], type=pa.string())
     columns[RAW] = pa.array(raws, type=pa.string())
     return pa.table(columns)
 
 
+def _unreadable(path: str, error: Exception) -> ValueError:
+    """The error for a file that cannot be read at all (its text keeps the cause, so Ray still
+    retries transient storage errors by message)."""
+    return ValueError(f"cannot read input file {path}: {type(error).__name__}: {error}")
+
+
 class JsonlDatasource(FileBasedDatasource):
     """JSON-lines files read in a stream of blocks of `rows_per_block` lines; never raises on a
-    bad line (see `parse_jsonl_lines`)."""
+    bad line (see `parse_jsonl_lines`). A UTF-8 byte-order mark at the start of a file is skipped."""
 
     _FILE_EXTENSIONS = ["jsonl", "json", "ndjson", "gz"]
 
@@ -118,10 +233,16 @@ class JsonlDatasource(FileBasedDatasource):
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         pending: list[bytes] = []
         tail = b""
+        first = True
         while True:
-            chunk = f.read(8 << 20)
+            try:
+                chunk = f.read(8 << 20)
+            except (OSError, pa.ArrowException) as e:
+                raise _unreadable(path, e) from e
             if not chunk:
                 break
+            if first:
+                chunk, first = chunk.removeprefix(b"\xef\xbb\xbf"), False
             parts = (tail + chunk).split(b"\n")
             tail = parts.pop()
             pending.extend(p for p in parts if p.strip())
@@ -134,19 +255,49 @@ class JsonlDatasource(FileBasedDatasource):
             yield parse_jsonl_lines(pending)
 
 
+class ParquetTextDatasource(FileBasedDatasource):
+    """Parquet files read row group by row group (batches of `rows_per_block` rows), each file
+    with its own schema, every column turned into text by `text_table`."""
+
+    _FILE_EXTENSIONS = ["parquet", "pq"]
+
+    def __init__(self, paths, rows_per_block: int = 20_000, **kwargs):
+        super().__init__(paths, **kwargs)
+        self.rows_per_block = rows_per_block
+
+    def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
+        try:
+            return filesystem.open_input_file(path)  # Parquet needs random access
+        except (OSError, pa.ArrowException) as e:
+            raise _unreadable(path, e) from e
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        try:
+            batches = pq.ParquetFile(f).iter_batches(batch_size=self.rows_per_block,
+                                                     use_threads=False)
+            for batch in batches:
+                yield text_table(pa.Table.from_batches([batch]))
+        except (OSError, pa.ArrowException) as e:
+            raise _unreadable(path, e) from e
+
+
 def read_table(path: str | Sequence[str], rows_per_block: int = 20_000,
                override_num_blocks: int | None = None) -> Dataset:
     """Read Parquet and/or JSONL (a file, a list of files, or a dir; local or s3://) lazily.
 
-    JSONL tables carry the internal columns `_bad_fields` and `_raw`; pass the dataset through
-    `split_rejects` to turn them into rejects with reasons. `override_num_blocks` caps the
-    read parallelism (small inputs on small machines: fewer tasks and worker processes).
+    Each file is read on its own, streaming, in a read task (no file is read on the driver),
+    and every user column arrives as text (see `text_table`): files whose schemas disagree never
+    fail the read. Tables carry the internal columns `_bad_fields` and `_raw`; pass the dataset
+    through `split_rejects` to turn them into rejects with reasons. `override_num_blocks` caps
+    the read parallelism (small inputs on small machines: fewer tasks and worker processes).
+    A file that cannot be read at all fails the read with a ValueError naming it.
     """
     fs, parquet, jsonl = list_data_files(path)
     parts = []
     if parquet:
-        parts.append(ray.data.read_parquet(parquet, filesystem=fs, file_extensions=None,
-                                           override_num_blocks=override_num_blocks))
+        parts.append(ray.data.read_datasource(
+            ParquetTextDatasource(parquet, filesystem=fs, rows_per_block=rows_per_block),
+            override_num_blocks=override_num_blocks))
     if jsonl:
         parts.append(ray.data.read_datasource(
             JsonlDatasource(jsonl, filesystem=fs, rows_per_block=rows_per_block),
@@ -155,41 +306,34 @@ def read_table(path: str | Sequence[str], rows_per_block: int = 20_000,
 
 
 # ----------------------------------------------------------------------------- rejects
+# Text that is there but cannot be seen or holds control characters is rejected, not filtered:
+# it is malformed input (a query of zero-width spaces, a document with NUL bytes), and its
+# embedding would be noise. RE2 patterns, run by Arrow over a whole column.
+CONTROL_CHARS = r"[\x{0}-\x{8}\x{b}\x{c}\x{e}-\x{1f}\x{7f}-\x{9f}]"  # Cc except \t \n \r
+# A visible character: not a separator (\p{Z}), control (Cc) or format character (Cf: zero-width
+# spaces and joiners, BOM, soft hyphen, tags) and not one of the blank letters/marks below
+# (Hangul fillers, braille blank, combining grapheme joiner, variation selectors).
+VISIBLE_CHAR = (r"[^\s\p{Z}\p{Cc}\p{Cf}\x{115f}\x{1160}\x{3164}\x{ffa0}\x{2800}\x{34f}"
+                r"\x{180b}-\x{180f}\x{fe00}-\x{fe0f}\x{e0100}-\x{e01ef}]")
+
+
 def _as_text(arr: pa.ChunkedArray | pa.Array) -> tuple[list[str | None], list[str | None]]:
-    """Any column as (python strings or None, per-row problem kind or None)."""
-    t = arr.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        try:
-            arr.validate(full=True)
-            return arr.to_pylist(), [None] * len(arr)
-        except pa.ArrowInvalid:
-            arr = pc.cast(arr, pa.binary() if pa.types.is_string(t) else pa.large_binary())
-            t = arr.type
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
-        values, problems = [], []
-        for b in arr.to_pylist():
-            if b is None:
-                values.append(None)
-                problems.append(None)
-                continue
-            try:
-                values.append(b.decode("utf-8"))
-                problems.append(None)
-            except UnicodeDecodeError:
-                values.append(b.decode("utf-8", "backslashreplace"))
-                problems.append("undecodable")
-        return values, problems
-    if pa.types.is_null(t):
-        return [None] * len(arr), [None] * len(arr)
-    values = []
-    for v in arr.to_pylist():
-        values.append(None if v is None else json.dumps(v, ensure_ascii=False, default=str))
-    return values, [None if v is None else "not_string" for v in values]
+    """Any column as (python strings or None, per-row problem kind or None); see `_text_array`."""
+    text, problems = _text_array(arr)
+    return text.to_pylist(), problems if problems is not None else [None] * len(text)
+
+
+def _text_flags(text: pa.Array) -> tuple[list[bool], list[bool]]:
+    """(has a control character, has a visible character) per row of a string array."""
+    control = pc.match_substring_regex(text, CONTROL_CHARS).fill_null(False)
+    visible = pc.match_substring_regex(text, VISIBLE_CHAR).fill_null(True)
+    return control.to_pylist(), visible.to_pylist()
 
 
 def row_reasons(table: pa.Table, required: Sequence[str], max_chars: int | None) -> list[str | None]:
     """Per row the first reason it is bad (or None), checking reader marks, then each required
-    column in order: missing_column, null, not_string, undecodable, empty, too_long."""
+    column in order: missing_column, null, not_string, undecodable, lone_surrogate, empty,
+    control_chars, no_visible_text, too_long."""
     n = table.num_rows
     reasons: list[str | None] = [None] * n
     marks = table.column(BAD_FIELDS).to_pylist() if BAD_FIELDS in table.column_names else [None] * n
@@ -208,16 +352,23 @@ def row_reasons(table: pa.Table, required: Sequence[str], max_chars: int | None)
                 if reasons[i] is None and not (marks[i] or "").startswith(("invalid_json", "not_object")):
                     reasons[i] = f"missing_column:{col}"
             continue
-        values, problems = _as_text(table.column(col))
-        for i, (v, p) in enumerate(zip(values, problems)):
+        text, problems = _text_array(table.column(col))
+        values = text.to_pylist()
+        problems = problems if problems is not None else [None] * n
+        control, visible = _text_flags(text)
+        for i, v in enumerate(values):
             if reasons[i] is not None:
                 continue
             if v is None:
                 reasons[i] = f"null:{col}"
-            elif p is not None:
-                reasons[i] = f"{p}:{col}"
+            elif problems[i] is not None:
+                reasons[i] = f"{problems[i]}:{col}"
             elif not v.strip():
                 reasons[i] = f"empty:{col}"
+            elif control[i]:
+                reasons[i] = f"control_chars:{col}"
+            elif not visible[i]:
+                reasons[i] = f"no_visible_text:{col}"
             elif max_chars is not None and len(v) > max_chars:
                 reasons[i] = f"too_long:{col}"
     for i, m in enumerate(marks):  # rows from unparseable lines always reject
@@ -234,8 +385,7 @@ def _split_batch(table: pa.Table, required: Sequence[str], max_chars: int | None
         out = table.filter(keep)
         for col in required:
             if col in out.column_names:
-                out = out.set_column(out.column_names.index(col), col,
-                                     pa.array(_as_text(out.column(col))[0], type=pa.string()))
+                out = out.set_column(out.column_names.index(col), col, _text_array(out.column(col))[0])
         return out.drop_columns([c for c in INTERNAL if c in out.column_names])
     keep = [i for i, r in enumerate(reasons) if r is not None]
     out = table.take(pa.array(keep, type=pa.int64()))
