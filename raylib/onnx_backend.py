@@ -1,0 +1,343 @@
+"""Encoder backends behind one API: the torch `Encoder` and ONNX Runtime (fp32 and dynamic int8).
+
+`load_encoder(model, backend)` returns an object whose `encode(texts, kind=, dense=, sparse=,
+multivector=, dim=, batch_size=, max_length=)` gives what `raylib.model.Encoder.encode` gives
+(dense, sparse {token_id: weight}, multi-vector arrays). Every backend also splits that into
+`tokenize` (token ids, no padding) and `encode_ids` (forward on those ids), so a server
+tokenizes a batch once and takes its token counts from the same pass.
+
+The ONNX graphs are exported from the model directory by `export_onnx` into `<model>/onnx/`
+(`model.onnx` fp32; `model_int8.onnx` dynamic int8 MatMul weights) and reused while the
+model's weight files are unchanged. The graph holds the backbone, pooling and, where the model
+has them, the sparse (ReLU(W_lex h)) and multi-vector (normalize(W_mul h)) heads; masking of
+special tokens and cutting per text happen in NumPy, as in `Encoder.encode`. No Ray here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from raylib.registry import resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx", "onnx-int8")
+ONNX_DIR = "onnx"
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
+EXPORT_META = "export.json"
+OPSET = 17
+
+
+# ------------------------------------------------------------------------------- shared logic
+class BaseEncoder:
+    """Tokenize + pad + post-process in NumPy; subclasses provide `_forward` on a padded batch."""
+
+    tokenizer: Any
+    settings: Any
+    dim: int
+    has_sparse: bool
+    has_multivector: bool
+    multivector_dim: int | None
+    backend: str
+    device: str = "cpu"
+
+    def _init_tokens(self) -> None:
+        tok = self.tokenizer
+        special = {tok.cls_token_id, tok.sep_token_id, tok.eos_token_id, tok.bos_token_id,
+                   tok.pad_token_id, tok.unk_token_id}
+        self.special_token_ids = np.asarray(sorted(i for i in special if i is not None), np.int64)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def prefix(self, kind: str) -> str:
+        if kind not in ("query", "document"):
+            raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
+        return self.settings.query_prefix if kind == "query" else self.settings.document_prefix
+
+    def tokenize(self, texts: Sequence[str], kind: str = "document",
+                 max_length: int | None = None) -> list[list[int]]:
+        """Prefixed, truncated token ids per text (no padding): one pass gives ids and counts."""
+        from raylib.model import check_texts
+
+        texts = check_texts(texts)
+        prefix = self.prefix(kind)
+        batch = self.tokenizer([prefix + t for t in texts], truncation=True, padding=False,
+                               max_length=max_length or self.settings.max_length)
+        return batch["input_ids"]
+
+    def _forward(self, input_ids: np.ndarray, mask: np.ndarray, dense: bool, sparse: bool,
+                 multivector: bool) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def encode_ids(self, ids: Sequence[Sequence[int]], dense: bool = True, sparse: bool = False,
+                   multivector: bool = False, dim: int | None = None,
+                   batch_size: int = 64) -> dict[str, Any]:
+        """Encode already tokenized texts (length-sorted batches); outputs as Encoder.encode."""
+        from raylib.model import truncate_dims
+
+        if sparse and not self.has_sparse:
+            raise ValueError("this model has no sparse head")
+        if multivector and not self.has_multivector:
+            raise ValueError("this model has no multi-vector head")
+        if dim is not None and not 0 < dim <= self.dim:
+            raise ValueError(f"dim must be in 1..{self.dim}, got {dim}")
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        dense_out, sparse_out, multi_out = [], [], []
+        for start in range(0, len(ids), max(1, batch_size)):
+            rows = [ids[i] for i in order[start:start + batch_size]]
+            input_ids = np.full((len(rows), max(len(r) for r in rows)), self.pad_id, np.int64)
+            mask = np.zeros_like(input_ids)
+            for j, r in enumerate(rows):
+                input_ids[j, :len(r)] = r
+                mask[j, :len(r)] = 1
+            out = self._forward(input_ids, mask, dense, sparse, multivector)
+            if dense:
+                dense_out.append(out["dense"])
+            if sparse:
+                keep = mask.astype(bool) & ~np.isin(input_ids, self.special_token_ids)
+                sparse_out.extend(sparse_dicts(input_ids, out["sparse"] * keep))
+            if multivector:
+                multi_out.extend(out["multivector"][j, :len(r) - 1] for j, r in enumerate(rows))
+        inverse = np.argsort(order)
+        result: dict[str, Any] = {}
+        if dense:
+            emb = np.concatenate(dense_out)[inverse].astype(np.float32)
+            result["dense"] = truncate_dims(emb, dim) if dim else emb
+        if sparse:
+            result["sparse"] = [sparse_out[i] for i in inverse]
+        if multivector:
+            result["multivector"] = [np.ascontiguousarray(multi_out[i], np.float32)
+                                     for i in inverse]
+        return result
+
+    def encode(self, texts: str | Sequence[str], kind: str = "document", dense: bool = True,
+               sparse: bool = False, multivector: bool = False, dim: int | None = None,
+               batch_size: int = 64, max_length: int | None = None,
+               show_progress: bool = False) -> dict[str, Any]:
+        """Same arguments and outputs as raylib.model.Encoder.encode."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        ids = self.tokenize(texts, kind, max_length)
+        if not show_progress or len(ids) <= batch_size:
+            return self.encode_ids(ids, dense, sparse, multivector, dim, batch_size)
+        from tqdm.auto import tqdm
+
+        chunk = batch_size * 16  # progress per chunk of batches (sorting stays within a chunk)
+        parts = [self.encode_ids(ids[s:s + chunk], dense, sparse, multivector, dim, batch_size)
+                 for s in tqdm(range(0, len(ids), chunk), desc=f"encode ({kind})")]
+        merged: dict[str, Any] = {}
+        for key in parts[0]:
+            merged[key] = (np.concatenate([p[key] for p in parts]) if key == "dense"
+                           else [x for p in parts for x in p[key]])
+        return merged
+
+    def info(self) -> dict:
+        """What a server needs to validate requests and describe the model."""
+        return {"dim": self.dim, "has_sparse": self.has_sparse,
+                "has_multivector": self.has_multivector, "multivector_dim": self.multivector_dim,
+                "max_length": self.settings.max_length, "device": self.device,
+                "backend": self.backend,
+                "matryoshka_dims": list(self.settings.matryoshka_dims)}
+
+
+def sparse_dicts(input_ids: np.ndarray, weights: np.ndarray) -> list[dict[int, float]]:
+    """Per row: {token_id: max weight over its occurrences}, zero weights dropped."""
+    out = []
+    for ids, w in zip(input_ids, weights):
+        row: dict[int, float] = {}
+        nz = np.nonzero(w > 0)[0]
+        for token, weight in zip(ids[nz].tolist(), w[nz].tolist()):
+            if weight > row.get(token, 0.0):
+                row[token] = weight
+        out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------- torch
+class TorchEncoder(BaseEncoder):
+    """raylib.model.Encoder behind the backend API (encode() is Encoder.encode itself)."""
+
+    backend = "torch"
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.tokenizer, self.settings = model.tokenizer, model.settings
+        self.dim, self.has_sparse, self.has_multivector = (model.dim, model.has_sparse,
+                                                           model.has_multivector)
+        colbert = model.colbert_linear
+        self.multivector_dim = colbert.out_features if colbert is not None else None
+        self.device = str(next(model.parameters()).device)
+        self._init_tokens()
+
+    def _forward(self, input_ids, mask, dense, sparse, multivector):
+        import torch
+
+        from raylib.model import autocast_for
+
+        device = next(self.model.parameters()).device
+        with torch.no_grad(), autocast_for(device):
+            out = self.model(torch.from_numpy(input_ids).to(device),
+                             torch.from_numpy(mask).to(device), dense=dense, sparse=sparse,
+                             multivector=multivector)
+        return {k: v.float().cpu().numpy() for k, v in out.items() if k != "mask"}
+
+    def encode(self, texts, kind="document", dense=True, sparse=False, multivector=False,
+               dim=None, batch_size=64, max_length=None, show_progress=False):
+        return self.model.encode(texts, kind=kind, dense=dense, sparse=sparse,
+                                 multivector=multivector, dim=dim, batch_size=batch_size,
+                                 max_length=max_length, show_progress=show_progress)
+
+
+# ------------------------------------------------------------------------------- ONNX
+def _fingerprint(path: Path) -> dict:
+    """Sizes and mtimes of the weight files: a changed model re-exports."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (
+        ".safetensors", ".bin", ".pt", ".json"))
+    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in files}
+
+
+def export_onnx(name_or_path: str | os.PathLike, int8: bool = True, force: bool = False) -> Path:
+    """Export `<model>/onnx/model.onnx` (+ `model_int8.onnx`) unless a current export is there;
+    returns the onnx folder. Written to temp names and renamed, so concurrent exporters are safe."""
+    path = resolve_model_path(name_or_path)
+    out = path / ONNX_DIR
+    meta = out / EXPORT_META
+    want = {"fingerprint": _fingerprint(path), "opset": OPSET}
+    have = json.loads(meta.read_text()) if meta.exists() else None
+    files = [ONNX_FILES["onnx"]] + ([ONNX_FILES["onnx-int8"]] if int8 else [])
+    if not force and have == want and all((out / f).exists() for f in files):
+        return out
+    out.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        fp32 = Path(tmp) / ONNX_FILES["onnx"]
+        _export_fp32(path, fp32)
+        if int8:
+            _quantize_int8(fp32, Path(tmp) / ONNX_FILES["onnx-int8"])
+        for f in files:
+            os.replace(Path(tmp) / f, out / f)
+    meta.write_text(json.dumps(want, indent=1))
+    return out
+
+
+def _export_fp32(path: Path, target: Path) -> None:
+    """Trace backbone + pooling + heads (eager attention: the exporter's most portable path)."""
+    import torch
+
+    from raylib.model import Encoder
+
+    model = Encoder.from_pretrained(path, device="cpu", attn_implementation="eager").eval()
+
+    class Graph(torch.nn.Module):
+        def __init__(self, enc: Encoder):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.enc.backbone(input_ids=input_ids,
+                                       attention_mask=attention_mask).last_hidden_state
+            outs = [self.enc.pool(hidden, attention_mask)]
+            if self.enc.sparse_linear is not None:
+                outs.append(torch.relu(self.enc.sparse_linear(hidden)).squeeze(-1))
+            if self.enc.colbert_linear is not None:
+                vecs = self.enc.colbert_linear(hidden[:, 1:])
+                vecs = vecs * attention_mask[:, 1:, None].to(vecs.dtype)
+                outs.append(torch.nn.functional.normalize(vecs, dim=-1))
+            return tuple(outs)
+
+    names = ["dense"] + (["sparse"] if model.has_sparse else []) + (
+        ["multivector"] if model.has_multivector else [])
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+            "dense": {0: "batch"}, "sparse": {0: "batch", 1: "seq"},
+            "multivector": {0: "batch", 1: "seq1"}}
+    ids = model.tokenize(["an example text to trace", "two"], "document")
+    with torch.no_grad():
+        torch.onnx.export(Graph(model), (ids["input_ids"], ids["attention_mask"]), str(target),
+                          input_names=["input_ids", "attention_mask"], output_names=names,
+                          dynamic_axes={k: v for k, v in axes.items()
+                                        if k in names or k.startswith(("input", "attention"))},
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+
+
+def _quantize_int8(fp32: Path, target: Path) -> None:
+    """Dynamic int8: MatMul weights per channel, activations quantized per batch at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul"])
+
+
+class OnnxEncoder(BaseEncoder):
+    """ONNX Runtime session over an exported graph (CPU; CUDA if onnxruntime-gpu is present)."""
+
+    def __init__(self, name_or_path: str | os.PathLike, backend: str = "onnx",
+                 threads: int | None = None):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        if backend not in ONNX_FILES:
+            raise ValueError(f"ONNX backend must be one of {sorted(ONNX_FILES)}, got {backend!r}")
+        path = resolve_model_path(name_or_path)
+        folder = export_onnx(path, int8=backend == "onnx-int8")
+        self.backend = backend
+        self.settings = load_settings(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(str(folder / ONNX_FILES[backend]), opts,
+                                            providers=providers)
+        self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        self.dim = int(outputs["dense"].shape[-1])
+        self.has_sparse = "sparse" in outputs
+        self.has_multivector = "multivector" in outputs
+        self.multivector_dim = (int(outputs["multivector"].shape[-1])
+                                if self.has_multivector else None)
+        self._init_tokens()
+
+    def _forward(self, input_ids, mask, dense, sparse, multivector):
+        names = ["dense"] + (["sparse"] if sparse else []) + (["multivector"] if multivector else [])
+        values = self.session.run(names, {"input_ids": input_ids, "attention_mask": mask})
+        return dict(zip(names, values))
+
+
+def load_settings(path: Path):
+    """raylib_settings.json, else sentence-transformers files, else defaults (as Encoder does)."""
+    from raylib.model import SETTINGS_FILE, EncoderSettings, _settings_from_sentence_transformers
+
+    if (path / SETTINGS_FILE).exists():
+        return EncoderSettings.from_json(path / SETTINGS_FILE)
+    if (path / "modules.json").exists():
+        return _settings_from_sentence_transformers(path)
+    return EncoderSettings()
+
+
+def load_encoder(name_or_path: str | os.PathLike, backend: str = "torch",
+                 device: str | None = None, threads: int | None = None) -> BaseEncoder:
+    """An encoder for `backend` in BACKENDS; `threads` sets intra-op threads (None: library
+    default). ONNX backends export beside the model on first use."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        import torch
+
+        from raylib.model import Encoder
+
+        if threads:
+            torch.set_num_threads(threads)
+        return TorchEncoder(Encoder.from_pretrained(name_or_path, device=device))
+    if device not in (None, "cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda for ONNX backends, got {device!r}")
+    return OnnxEncoder(name_or_path, backend, threads)
