@@ -21,6 +21,12 @@ class BeirData:
         """title + " " + text, as MTEB and BEIR evaluate (title dropped when empty)."""
         return [document_text(d) for d in self.corpus.values()]
 
+    def empty_counts(self) -> dict[str, int]:
+        """{"empty_queries", "empty_documents"}: texts that are empty or whitespace only (some
+        public sets hold them; evaluation encodes them like any other text, as MTEB does)."""
+        return {"empty_queries": sum(not q.strip() for q in self.queries.values()),
+                "empty_documents": sum(not t for t in self.doc_texts())}
+
 
 def document_text(doc: dict[str, str]) -> str:
     title = (doc.get("title") or "").strip()
@@ -28,8 +34,14 @@ def document_text(doc: dict[str, str]) -> str:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
+    """JSON objects, one a line (a UTF-8 byte-order mark at the start is skipped)."""
+    with open(path, encoding="utf-8-sig") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _text(value: object) -> str:
+    """A text field as a string: missing or null is "" (an empty text, still evaluated)."""
+    return "" if value is None else value if isinstance(value, str) else str(value)
 
 
 def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
@@ -47,13 +59,15 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
 
 
 def load_beir(root: str | Path, split: str = "test") -> BeirData:
-    """Load a BEIR dir; queries are restricted to those with qrels in `split`."""
+    """Load a BEIR dir; queries are restricted to those with qrels in `split`. Empty or missing
+    texts are kept as "" (see `BeirData.empty_counts`)."""
     root = Path(root)
     qrels_path = root / "qrels" / f"{split}.tsv"
     if not qrels_path.exists():
         raise ValueError(f"{root}: no qrels for split {split!r} ({qrels_path} missing)")
     qrels = load_qrels(qrels_path)
-    corpus = {str(d["_id"]): {"title": d.get("title") or "", "text": d.get("text") or ""}
+    corpus = {str(d["_id"]): {"title": _text(d.get("title")), "text": _text(d.get("text"))}
               for d in _read_jsonl(root / "corpus.jsonl")}
-    queries = {str(q["_id"]): q["text"] for q in _read_jsonl(root / "queries.jsonl") if str(q["_id"]) in qrels}
+    queries = {str(q["_id"]): _text(q.get("text")) for q in _read_jsonl(root / "queries.jsonl")
+               if str(q["_id"]) in qrels}
     return BeirData(corpus=corpus, queries=queries, qrels=qrels)

@@ -27,6 +27,27 @@ def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(scores, ids, 1), ids
 
 
+def encode_all(encoder: Encoder, texts: list[str], kind: str, **kwargs) -> dict:
+    """`Encoder.encode`, but empty and whitespace-only texts are encoded too (the model sees only
+    its prefix and special tokens), as sentence-transformers and so MTEB do: a corpus holding
+    empty documents scores as it does for the peers (`Encoder.encode` refuses them, as input
+    errors of a caller)."""
+    full = [i for i, t in enumerate(texts) if t.strip()]
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    ids: list = [None] * len(texts)
+    if full:
+        tokens = encoder.tokenize([texts[i] for i in full], kind, None, padding=False)["input_ids"]
+        for i, row in zip(full, tokens):
+            ids[i] = row
+    if empty:  # Encoder.tokenize refuses these: the tokenizer call it makes, for them alone
+        prefix = encoder.settings.query_prefix if kind == "query" else encoder.settings.document_prefix
+        tokens = encoder.tokenizer([prefix + texts[i] for i in empty], truncation=True,
+                                   max_length=encoder.settings.max_length)["input_ids"]
+        for i, row in zip(empty, tokens):
+            ids[i] = row
+    return encoder.encode_features(ids, desc=f"encode ({kind})", **kwargs)
+
+
 def evaluate_encoder(encoder: Encoder, data: BeirData, modes: Sequence[str] = ("dense",),
                      dims: Sequence[int] = (), quantization: Sequence[str] = ("none",),
                      metrics: Sequence[str] = ("ndcg@10", "recall@100", "mrr@10"), k: int = 100,
@@ -35,7 +56,9 @@ def evaluate_encoder(encoder: Encoder, data: BeirData, modes: Sequence[str] = ("
     """Results keyed `dense`, `dense@128`, `dense/int8`, `dense@128/binary`, `sparse`, ...
 
     Dense runs use exact FAISS search; sparse, multi-vector and hybrid score every document
-    (fine for BEIR-sized corpora, which is what this evaluates).
+    (fine for BEIR-sized corpora, which is what this evaluates). Empty or whitespace-only
+    queries and documents are encoded like any other text (`encode_all`); `data.empty_counts()`
+    says how many there were.
     """
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -45,8 +68,8 @@ def evaluate_encoder(encoder: Encoder, data: BeirData, modes: Sequence[str] = ("
     qids, dids = list(data.queries), data.doc_ids()
     kw = dict(dense=True, sparse=need_sparse, multivector=need_multi, batch_size=batch_size,
               show_progress=show_progress)
-    q = encoder.encode([data.queries[i] for i in qids], kind="query", **kw)
-    d = encoder.encode(data.doc_texts(), kind="document", **kw)
+    q = encode_all(encoder, [data.queries[i] for i in qids], "query", **kw)
+    d = encode_all(encoder, data.doc_texts(), "document", **kw)
     results: dict[str, dict[str, float]] = {}
     if "dense" in modes:
         for dim in [None, *dims]:

@@ -1,0 +1,74 @@
+"""Evaluation of BEIR sets holding empty or whitespace-only texts: encoded as sentence-transformers
+(and so MTEB) encodes them, counted, and scored without an error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raylib.beir import load_beir
+from raylib.evaluation import encode_all, evaluate_encoder
+from raylib.model import Encoder
+from raylib.tiny import save_tiny_encoder
+
+
+def write_beir(root: Path, seed: int = 0) -> Path:
+    """A small BEIR dir: 30 documents (3 empty: "", spaces, no text field) and 10 queries
+    (one empty, one whitespace only), a BOM before the first corpus line."""
+    rng = np.random.default_rng(seed)
+    words = "alpha beta gamma delta river mountain cloud engine protein galaxy".split()
+    root.mkdir(parents=True)
+    docs = [{"_id": f"d{i}", "title": "", "text": " ".join(rng.choice(words, 6))} for i in range(30)]
+    docs[4]["text"], docs[11]["text"] = "", "   \n "
+    del docs[17]["text"]
+    (root / "corpus.jsonl").write_text("\ufeff" + "\n".join(json.dumps(d) for d in docs) + "\n",
+                                       encoding="utf-8")
+    queries = [{"_id": f"q{i}", "text": docs[3 * i]["text"][:20] if i else "x"} for i in range(10)]
+    queries[2]["text"], queries[5]["text"] = "", "\t "
+    (root / "queries.jsonl").write_text("\n".join(json.dumps(q) for q in queries) + "\n")
+    (root / "qrels").mkdir()
+    rows = ["query-id\tcorpus-id\tscore"] + [f"q{i}\td{3 * i}\t1" for i in range(10)]
+    rows.append("q1\td4\t1")  # an empty document that is relevant
+    (root / "qrels" / "test.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_encoder(tmp_path_factory.mktemp("eval") / "m", pooling="mean", seed=5,
+                             m3_heads=True)
+
+
+def test_empty_texts_are_counted_and_evaluated(model_dir, tmp_path):
+    data = load_beir(write_beir(tmp_path / "beir"))
+    assert len(data.corpus) == 30 and len(data.queries) == 10
+    assert data.empty_counts() == {"empty_queries": 2, "empty_documents": 3}
+    enc = Encoder.from_pretrained(model_dir, device="cpu")
+    with pytest.raises(ValueError, match="empty or whitespace only"):
+        enc.encode(data.doc_texts())  # what evaluation used to call: a caller's input error
+    results = evaluate_encoder(enc, data, modes=("dense", "sparse", "multivector", "hybrid"),
+                               quantization=("none", "int8"), k=10)
+    assert set(results) == {"dense", "dense/int8", "sparse", "multivector", "hybrid"}
+    for values in results.values():
+        assert set(values) == {"ndcg@10", "recall@100", "mrr@10"}
+        assert all(np.isfinite(v) and 0 <= v <= 1 for v in values.values())
+
+
+def test_encode_all_matches_encode_and_sentence_transformers(model_dir):
+    from sentence_transformers import SentenceTransformer
+
+    enc = Encoder.from_pretrained(model_dir, device="cpu")
+    texts = ["river mountain cloud", "", "protein galaxy engine alpha", "  \t", "beta"]
+    got = encode_all(enc, texts, "document", dense=True, sparse=True, multivector=True)
+    full = [0, 2, 4]
+    ref = enc.encode([texts[i] for i in full], "document", sparse=True, multivector=True)
+    assert np.array_equal(got["dense"][full], ref["dense"])  # non-empty texts: exactly encode's
+    assert [got["sparse"][i] for i in full] == ref["sparse"]
+    for i, j in enumerate(full):
+        assert np.array_equal(got["multivector"][j], ref["multivector"][i])
+    assert got["sparse"][1] == {} and got["multivector"][1].shape[0] == 1  # [SEP] only
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    np.testing.assert_allclose(got["dense"], st.encode(texts, convert_to_numpy=True), atol=1e-5)
