@@ -197,19 +197,33 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
     return scores, ids
 
 
+FP16_REL_ERROR = 2.0 ** -10  # fp16 rounding of stored vectors and (GPU) queries: <= 2^-11 each
+
+
 class KeyedIndex:
     """Exact inner-product index over documents with int64 keys; duplicates (same key) kept once.
 
     One shard of the corpus: `add` batches, `finalize`, then `search` and `scores_for` keys.
+    Storage: fp32 (CPU: no FAISS copy, `faiss.knn` over the host vectors; GPU: a flat fp32 index)
+    or fp16 (GPU `useFloat16`, CPU IndexScalarQuantizer). An fp16 index only proposes
+    `oversample` x k candidates: they are re-scored from the fp32 host vectors and a row whose
+    top-k could still miss a document (fp16 error bound) is searched again wider, then exactly.
     """
 
-    def __init__(self, use_gpu: bool | None = None):
-        self.use_gpu = use_gpu
+    def __init__(self, use_gpu: bool | None = None, dtype: str = "fp32", oversample: float = 2.0):
+        from raylib.search import INDEX_DTYPES
+
+        if dtype not in INDEX_DTYPES:
+            raise ValueError(f"index dtype {dtype!r} is not one of {INDEX_DTYPES}")
+        if oversample < 1:
+            raise ValueError(f"oversample must be >= 1, got {oversample}")
+        self.use_gpu, self.dtype, self.oversample = use_gpu, dtype, oversample
         self._keys: list[np.ndarray] = []
         self._vecs: list[np.ndarray] = []
         self.index = None
         self.keys = np.empty(0, dtype=np.int64)
         self.duplicates = 0
+        self.rechecked_rows = 0  # fp16: rows searched again because the bound did not certify them
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         assert self.index is None, "add after finalize"
@@ -221,20 +235,21 @@ class KeyedIndex:
 
     def finalize(self) -> np.ndarray:
         """Deduplicate by key (first occurrence wins), build the FAISS index; returns the kept rows'
-        positions in add order."""
-        from raylib.search import flat_ip_index
+        positions in add order. Host peak ~1x the vectors (batches are moved, not concatenated)."""
+        from raylib.search import _resolve_gpu, flat_ip_index
 
         keys = np.concatenate(self._keys) if self._keys else np.empty(0, dtype=np.int64)
         _, first = np.unique(keys, return_index=True)
         first = np.sort(first)
         self.duplicates = len(keys) - len(first)
         self.keys = keys[first]
-        vecs = np.concatenate(self._vecs)[first] if len(first) else np.empty((0, 1), np.float32)
+        self.vectors = _compact(self._vecs, first)
         self._keys, self._vecs = [], []
         self._sorted = np.argsort(self.keys, kind="stable")
-        self.vectors = np.ascontiguousarray(vecs, dtype=np.float32)
-        if len(self.keys):
-            self.index = flat_ip_index(self.vectors, self.use_gpu)
+        self.max_norm = float(np.sqrt(_max_sq_norm(self.vectors))) if len(first) else 0.0
+        self.on_gpu = _resolve_gpu(self.use_gpu)
+        if len(self.keys) and (self.on_gpu or self.dtype == "fp16"):
+            self.index = flat_ip_index(self.vectors, self.on_gpu, self.dtype)
         return first
 
     def __len__(self) -> int:
@@ -243,12 +258,71 @@ class KeyedIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, keys) [n, k] of this shard, padded with (-inf, -1)."""
         n = len(queries)
-        if self.index is None:
+        if not len(self.keys):
             return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
         kk = min(k, len(self.keys))
-        scores, pos = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), kk)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.dtype == "fp16":
+            scores, pos = self._search_fp16(queries, kk)
+        else:
+            scores, pos = self._search_fp32(queries, kk)
         keys = np.where(pos >= 0, self.keys[np.maximum(pos, 0)], -1)
         return merge_topk([(scores, keys)], k)
+
+    def _search_fp32(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact fp32 search: the GPU index, or faiss.knn over the host vectors (same kernel as
+        IndexFlatIP.search, without a second copy of the shard)."""
+        import faiss
+
+        if self.index is not None and self.dtype == "fp32":
+            return self.index.search(queries, k)
+        return faiss.knn(queries, self.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+    def _search_fp16(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """fp16 candidates re-scored in fp32: rows whose k-th exact score does not clear the
+        fp16 error bound above the last candidate are searched again wider, then exactly."""
+        limit = min(len(self.keys), 2048 if self.on_gpu else len(self.keys))  # FAISS GPU k cap
+        scores = np.empty((len(queries), k), np.float32)
+        pos = np.empty((len(queries), k), np.int64)
+        todo = np.arange(len(queries))
+        wide = min(limit, max(k, int(np.ceil(k * self.oversample))))
+        while len(todo):
+            approx, cand = self.index.search(queries[todo], wide)
+            s, p, ok = self._rescore(queries[todo], approx, cand, k, exhaustive=wide >= len(self.keys))
+            scores[todo[ok]], pos[todo[ok]] = s[ok], p[ok]
+            todo = todo[~ok]
+            self.rechecked_rows += len(todo)
+            if wide >= limit and len(todo):  # GPU k cap reached: exact fp32 scan of the host copy
+                scores[todo], pos[todo] = self._search_exact_host(queries[todo], k)
+                break
+            wide = min(limit, wide * 2)
+        return scores, pos
+
+    def _rescore(self, queries: np.ndarray, approx: np.ndarray, cand: np.ndarray, k: int,
+                 exhaustive: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Exact scores of the candidates (float64 sums of the fp32 vectors, rounded to fp32),
+        top-k by them (ties: fp16 order), and whether each row's top-k is certified complete."""
+        safe = np.maximum(cand, 0)
+        exact = np.einsum("nd,nkd->nk", queries.astype(np.float64),
+                          self.vectors[safe].astype(np.float64)).astype(np.float32)
+        exact = np.where(cand >= 0, exact, -np.inf)
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        s, p = np.take_along_axis(exact, order, 1), np.take_along_axis(cand, order, 1)
+        if exhaustive:
+            return s, p, np.ones(len(s), bool)
+        dim = queries.shape[1]
+        eps = (FP16_REL_ERROR + dim * 2.0 ** -23) * np.linalg.norm(queries, axis=1) * self.max_norm
+        ok = s[:, -1].astype(np.float64) > approx[:, -1].astype(np.float64) + eps + 1e-30
+        return s, p, ok
+
+    def _search_exact_host(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact fp32 search over the host vectors, re-scored like the fp16 path's certified rows."""
+        import faiss
+
+        approx, cand = faiss.knn(queries, self.vectors, min(len(self.keys), 2 * k),
+                                 metric=faiss.METRIC_INNER_PRODUCT)
+        s, p, _ = self._rescore(queries, approx, cand, k, exhaustive=True)
+        return s, p
 
     def positions(self, keys: np.ndarray) -> np.ndarray:
         """Row of each key in this shard, -1 where absent."""
@@ -269,6 +343,33 @@ class KeyedIndex:
             q = np.asarray(queries, dtype=np.float32)[np.asarray(query_of)[have]]
             out[have] = np.einsum("ij,ij->i", q, self.vectors[rows[have]])
         return out
+
+
+def _compact(batches: list[np.ndarray], keep: np.ndarray) -> np.ndarray:
+    """Rows `keep` (sorted) of the concatenated batches, with ~1x their size at peak: batches are
+    moved into one array (each freed after its copy), then kept rows are moved down in place."""
+    if not len(keep):
+        return np.empty((0, batches[0].shape[1] if batches else 1), np.float32)
+    total = sum(len(b) for b in batches)
+    out = np.empty((total, batches[0].shape[1]), np.float32)
+    at = 0
+    while batches:
+        b = batches.pop(0)
+        out[at:at + len(b)] = b
+        at += len(b)
+        del b
+    if len(keep) == total:
+        return out
+    for s in range(0, len(keep), 65536):  # keep[i] >= i: reads stay ahead of writes
+        part = keep[s:s + 65536]
+        out[s:s + len(part)] = out[part]
+    return out[:len(keep)].copy() if len(keep) < total // 2 else out[:len(keep)]
+
+
+def _max_sq_norm(vectors: np.ndarray, chunk: int = 65536) -> float:
+    """Largest squared row norm, in chunks (no [n, d] temporary)."""
+    return max(float(np.einsum("nd,nd->n", vectors[s:s + chunk], vectors[s:s + chunk]).max())
+               for s in range(0, len(vectors), chunk))
 
 
 def flatten_positives(known_positives: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -298,6 +399,107 @@ def num_shards(num_docs: int, max_docs_per_shard: int | None) -> int:
     if max_docs_per_shard < 1:
         raise ValueError(f"max_docs_per_shard must be >= 1, got {max_docs_per_shard}")
     return max(1, -(-num_docs // max_docs_per_shard))
+
+
+@dataclass
+class IndexBudget:
+    """Memory budget of one mining shard's index, in bytes (the mining job's `index:` section).
+
+    memory_bytes is the memory one shard may use on its device: GPU memory for GPU shards
+    (`resources.shard_num_gpus > 0`), host RAM for CPU shards; None keeps `max_docs_per_shard`.
+    """
+
+    memory_bytes: int | None = None   # per shard: GPU bytes (GPU shards) or host bytes (CPU shards)
+    dtype: str = "fp32"               # index storage: fp32 | fp16 (GPU useFloat16 / CPU SQfp16), rechecked in fp32
+    workspace_bytes: int = 3 << 30    # FAISS search workspace: GPU temp memory (1.5 GiB default cap)
+                                      # + CUDA context and cuBLAS (~1 GiB) + slack; CPU: BLAS blocks
+    oversample: float = 2.0           # fp16: candidates fetched per wanted one before the fp32 recheck
+    hash_sigmas: float = 6.0          # shards are cut by key hash: room for this many std devs of size noise
+
+    def validate(self) -> "IndexBudget":
+        from raylib.search import INDEX_DTYPES
+
+        if self.dtype not in INDEX_DTYPES:
+            raise ValueError(f"index.dtype {self.dtype!r} is not one of {INDEX_DTYPES}")
+        if self.memory_bytes is not None and self.memory_bytes < 1:
+            raise ValueError(f"index.memory_bytes must be >= 1, got {self.memory_bytes}")
+        if self.workspace_bytes < 0 or self.oversample < 1 or self.hash_sigmas < 0:
+            raise ValueError("index.workspace_bytes >= 0, index.oversample >= 1 and "
+                             "index.hash_sigmas >= 0 are required")
+        return self
+
+
+@dataclass
+class ShardPlan:
+    """How a corpus is cut into shard indexes that each fit one device's budget."""
+
+    num_shards: int
+    docs_per_shard: int        # capacity: most documents one shard's index may hold
+    expected_docs: int         # num_docs / num_shards (hash cuts vary by ~sqrt of it)
+    bytes_per_doc: int         # on the budget's device
+    reserved_bytes: int        # workspace + query batch + results + add staging
+    index_bytes: int           # bytes_per_doc x docs_per_shard
+    host_bytes_per_doc: int    # host RAM per document of a shard actor (vectors, keys), texts aside
+
+    def shards_for(self, num_docs: int) -> int:
+        """Shards for `num_docs` (e.g. documents so far, streaming) under this plan's capacity."""
+        return max(1, -(-num_docs // max(1, self.docs_per_shard)))
+
+
+def index_bytes_per_doc(dim: int, dtype: str, on_gpu: bool) -> tuple[int, int]:
+    """(budget-device bytes, host bytes) per document: the GPU holds the index (2 or 4 B per dim);
+    the host keeps fp32 vectors (exact rescoring, scores_for) and two int64 (key, sort order)."""
+    item = 2 if dtype == "fp16" else 4
+    host = 4 * dim + 16 + (0 if on_gpu or dtype == "fp32" else item * dim)  # CPU fp16: codes too
+    return (item * dim if on_gpu else host), host
+
+
+def search_reserve_bytes(dim: int, candidates: int, query_batch: int, budget: IndexBudget,
+                         on_gpu: bool) -> int:
+    """Budget bytes kept free of index data: workspace, one query batch (fp32, plus its fp16 copy
+    on an fp16 GPU index), its results (scores fp32 + ids int64 per fetched candidate), and the
+    fp32 staging of one GPU add chunk."""
+    from raylib.search import GPU_ADD_CHUNK
+
+    fetched = candidates * (budget.oversample if budget.dtype == "fp16" else 1)
+    queries = query_batch * dim * (4 + (2 if on_gpu and budget.dtype == "fp16" else 0))
+    results = int(query_batch * fetched * 12)
+    staging = GPU_ADD_CHUNK * dim * 4 if on_gpu else 0
+    return budget.workspace_bytes + queries + results + staging
+
+
+def plan_shards(num_docs: int, dim: int, budget: IndexBudget, candidates: int, query_batch: int,
+                on_gpu: bool, max_docs_per_shard: int | None = None) -> ShardPlan:
+    """Shards whose index fits `budget.memory_bytes` (less the search reserve) on its device.
+
+    Documents go to shards by key hash, so each shard's size is about num_docs / shards +-
+    sqrt of it: the number of shards leaves `hash_sigmas` standard deviations of room. Without
+    memory_bytes only max_docs_per_shard cuts (the old count-based plan). A budget that cannot
+    hold one document next to its reserve is a ValueError.
+    """
+    budget.validate()
+    if dim < 1 or num_docs < 0 or candidates < 1 or query_batch < 1:
+        raise ValueError(f"need dim, candidates, query_batch >= 1 and num_docs >= 0, got "
+                         f"{dim}, {candidates}, {query_batch}, {num_docs}")
+    per_doc, host = index_bytes_per_doc(dim, budget.dtype, on_gpu)
+    reserve = search_reserve_bytes(dim, candidates, query_batch, budget, on_gpu)
+    if budget.memory_bytes is None:  # the count-based plan, unchanged: ceil(num_docs / max)
+        shards = num_shards(num_docs, max_docs_per_shard)
+        cap = max_docs_per_shard if max_docs_per_shard is not None else max(num_docs, 1)
+        return ShardPlan(shards, cap, -(-num_docs // shards), per_doc, reserve, per_doc * cap, host)
+    fits = (budget.memory_bytes - reserve) // per_doc
+    if fits < 1:
+        raise ValueError(
+            f"index.memory_bytes={budget.memory_bytes:,} cannot hold one {dim}-d {budget.dtype} "
+            f"document: {per_doc} B per document + {reserve:,} B reserved (workspace "
+            f"{budget.workspace_bytes:,} + a {query_batch}-query batch and its results)")
+    cap = int(fits) if max_docs_per_shard is None else min(max_docs_per_shard, int(fits))
+    if cap < 1:
+        raise ValueError(f"max_docs_per_shard must be >= 1, got {cap}")
+    z = budget.hash_sigmas
+    room = ((-z + np.sqrt(z * z + 4.0 * cap)) / 2.0) ** 2  # e + z sqrt(e) <= cap
+    shards = max(1, int(np.ceil(num_docs / max(room, 1.0)))) if num_docs > cap else 1
+    return ShardPlan(shards, cap, -(-num_docs // shards), per_doc, reserve, per_doc * cap, host)
 
 
 def shard_of(keys: np.ndarray, n_shards: int) -> np.ndarray:

@@ -215,3 +215,86 @@ def test_parity_with_sentence_transformers_tiny(tmp_path):
     same = sum(ours[q] == st_sets.get(q, set()) for q in uq)
     assert 0 < sum(len(v) for v in ours.values()) < n_neg * len(uq)  # some rows short, some full
     assert same == len(uq), {q: (ours[q], st_sets.get(q)) for q in uq if ours[q] != st_sets.get(q, set())}
+
+
+# ----------------------------------------------------------------------------- byte budgets
+GB = 10**9
+
+
+def test_plan_fits_20m_1024d_teacher_on_80gb_gpus_with_headroom():
+    budget32 = M.IndexBudget(memory_bytes=80 * GB, dtype="fp32")
+    plan = M.plan_shards(20_000_000, 1024, budget32, candidates=100, query_batch=4096, on_gpu=True)
+    # 20M x 1024 x 4 B = 81.9 GB: an fp32 index needs two 80 GB GPUs once room is left for search
+    assert plan.num_shards == 2 and plan.bytes_per_doc == 4096
+    assert plan.reserved_bytes >= budget32.workspace_bytes + 4096 * 1024 * 4 + 4096 * 100 * 12
+    assert plan.index_bytes + plan.reserved_bytes <= 80 * GB
+    # the hash cut itself: no shard holds more than the capacity
+    keys = np.random.default_rng(0).integers(0, 2**62, size=20_000_000, dtype=np.int64)
+    sizes = np.bincount(M.shard_of(keys, plan.num_shards), minlength=plan.num_shards)
+    assert sizes.max() <= plan.docs_per_shard
+    assert sizes.max() * plan.bytes_per_doc + plan.reserved_bytes <= 80 * GB
+    # fp16 storage halves the index: the whole corpus fits one GPU, with the same headroom
+    plan16 = M.plan_shards(20_000_000, 1024, M.IndexBudget(memory_bytes=80 * GB, dtype="fp16"),
+                           candidates=100, query_batch=4096, on_gpu=True)
+    assert plan16.num_shards == 1 and plan16.bytes_per_doc == 2048
+    assert 20_000_000 * 2048 + plan16.reserved_bytes <= 80 * GB
+    assert plan16.host_bytes_per_doc == 4 * 1024 + 16  # fp32 copy on the host for the recheck
+
+
+def test_plan_budget_too_small_for_one_document_is_a_clear_error():
+    budget = M.IndexBudget(memory_bytes=3 << 30, dtype="fp32")  # only the workspace
+    with pytest.raises(ValueError, match="cannot hold one 1024-d fp32 document"):
+        M.plan_shards(1000, 1024, budget, candidates=100, query_batch=4096, on_gpu=True)
+    with pytest.raises(ValueError, match="dtype"):
+        M.plan_shards(1000, 8, M.IndexBudget(memory_bytes=GB, dtype="int8"), 10, 16, False)
+
+
+def test_plan_cpu_counts_host_bytes_and_streaming_docs_so_far():
+    reserve = (1 << 30) + 64 * 4 + 10 * 12  # workspace + one query + its 10 results
+    budget = M.IndexBudget(memory_bytes=reserve + 100 * (4 * 64 + 16) + 50, workspace_bytes=1 << 30)
+    plan = M.plan_shards(1000, 64, budget, candidates=10, query_batch=1, on_gpu=False)
+    assert plan.bytes_per_doc == 4 * 64 + 16 and plan.reserved_bytes == reserve
+    assert plan.docs_per_shard == 100
+    # 10 shards would average 100: hash cuts need room (e + 6 sqrt(e) <= 100 -> e <= 55)
+    assert plan.num_shards == 19 and plan.expected_docs <= 55
+    assert plan.shards_for(50) == 1 and plan.shards_for(1000) == 10  # documents so far
+    # without a byte budget the count-based plan is unchanged
+    assert M.plan_shards(1000, 64, M.IndexBudget(), 10, 1, False, max_docs_per_shard=120).num_shards == \
+        M.num_shards(1000, 120) == 9
+
+
+@pytest.mark.parametrize("oversample", [1.0, 2.0])
+def test_fp16_index_with_fp32_recheck_equals_fp32_index(oversample):
+    rng = np.random.default_rng(5)
+    docs = rng.normal(size=(3000, 32)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    docs[100:150] = docs[50:100] + 1e-4  # near-ties that fp16 storage cannot tell apart
+    queries = (docs[:300] + 0.5 * rng.normal(size=(300, 32))).astype(np.float32)
+    keys = rng.choice(10**12, size=3000, replace=False).astype(np.int64)
+    ref = M.KeyedIndex(use_gpu=False)
+    ref.add(keys, docs)
+    ref.finalize()
+    half = M.KeyedIndex(use_gpu=False, dtype="fp16", oversample=oversample)
+    for s in range(0, 3000, 700):  # several batches, compacted at finalize
+        half.add(keys[s:s + 700], docs[s:s + 700])
+    half.finalize()
+    ref_scores, ref_keys = ref.search(queries, 30)
+    scores, got = half.search(queries, 30)
+    np.testing.assert_array_equal(got, ref_keys)
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=2e-6)
+    if oversample == 1.0:  # no margin: the bound cannot certify rows, which are searched again
+        assert half.rechecked_rows > 0
+    np.testing.assert_allclose(half.scores_for(queries, np.arange(5), keys[:5]),
+                               ref.scores_for(queries, np.arange(5), keys[:5]))
+
+
+def test_keyed_index_gpu_request_falls_back_on_cpu_when_no_gpu():
+    from raylib.search import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU is present: the fallback is not exercised")
+    s = M.KeyedIndex(use_gpu=True, dtype="fp16")
+    s.add(np.array([3, 1, 3]), np.eye(3, dtype=np.float32))
+    s.finalize()
+    scores, keys = s.search(np.eye(3, dtype=np.float32), 2)
+    assert keys[0, 0] == 3 and keys[1, 0] == 1 and scores[0, 0] == 1.0
