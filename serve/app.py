@@ -1,12 +1,17 @@
 """Ray Serve app: the raylib Encoder (dense, sparse, multi-vector) and a hybrid reranker.
 
-    serve run serve.app:app model=minilm max_batch_size=32      # from the repo root
-    serve run serve/config.yaml
+    serve run serve.app:app model=minilm backend=onnx-int8     # from the repo root
+    serve run serve/config.yaml          (CPU)        serve run serve/config_gpu.yaml   (H100)
 
-Deployments: `Encoder` (one model per replica, `@serve.batch` dynamic batching, GPU when
-num_gpus > 0), `HybridReranker` (calls the Encoder through a handle; BGE-M3 §3.2 fusion of
-dense, s_lex and s_mul scores), behind one FastAPI ingress with an OpenAI-compatible
-/v1/embeddings, /encode, /rerank, /v1/models, /health and /metrics.
+Two deployments: `Encoder` (one model per replica on the torch, onnx or onnx-int8 backend of
+raylib.onnx_backend; continuous batching by text count; GPU when num_gpus > 0) behind one
+FastAPI `Ingress` with an OpenAI-compatible /v1/embeddings, /encode, /rerank (BGE-M3 §3.2 fusion
+of dense, s_lex and s_mul scores, computed in the ingress), /v1/models, /health and /metrics.
+The model stays out of the ingress so that a lost Encoder replica is a retry, not a lost request.
+
+Errors: every input error is a 4xx for its caller only: a batch whose forward fails is re-run
+call by call, and numbers in requests are checked for finiteness and range. A replica lost
+mid-call is retried (encoding is idempotent), then answered 503 + Retry-After.
 
 Capacity: each Encoder replica takes `max_ongoing_requests` calls; each caller queues at most
 `max_queued_requests` more; beyond that the handle raises BackPressureError and the ingress
@@ -30,7 +35,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
+                                  ReplicaUnavailableError)
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -64,88 +71,139 @@ def error_response(status: int, message: str, param: Optional[str] = None,
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _count_texts(items: list[dict]) -> int:
-    """serve.batch batch_size_fn: a batch's size is its number of texts, not of calls."""
-    return sum(len(item["texts"]) for item in items)
+INPUT_ERRORS = (ValueError, TypeError, UnicodeError)  # a bad input: 400 for its caller only
+
+
+def item_error(exc: BaseException) -> dict:
+    """A per-call error carried as a value (never raised into the other calls of a batch)."""
+    if isinstance(exc, INPUT_ERRORS):
+        return {"error": str(exc).splitlines()[-1] if str(exc) else type(exc).__name__,
+                "status": 400, "code": "invalid_value"}
+    if isinstance(exc, FloatingPointError):
+        return {"error": str(exc), "status": 500, "code": "non_finite_output"}
+    return {"error": f"internal error: {type(exc).__name__}", "status": 500,
+            "code": "internal_error"}
 
 
 # ------------------------------------------------------------------------------- Encoder
 @serve.deployment(name="Encoder", health_check_period_s=10)
 class EncoderDeployment:
-    """One raylib Encoder per replica; calls from all clients are batched by text count."""
+    """One encoder (torch, onnx or onnx-int8 backend) per replica. Calls from all clients are
+    batched by text count: a batch starts as soon as the model is free and takes every call
+    waiting then (continuous batching: no wait at one client, full batches under load)."""
 
     def __init__(self, args: dict):
-        import torch
-
-        from raylib.model import Encoder
+        from raylib.onnx_backend import load_encoder
 
         self.args = ServeArgs.model_validate(args)
-        if self.args.torch_threads:
-            torch.set_num_threads(self.args.torch_threads)
-        device = "cuda" if self.args.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.model = Encoder.from_pretrained(self.args.model, device=device)
+        gpu = self.args.num_gpus > 0 and _cuda_available()
+        # Intra-op threads: default one per CPU token, so the model never competes with the
+        # proxy/ingress for a core (2 torch threads on 2 busy cores ran 40x slower, see README).
+        threads = self.args.torch_threads or (None if gpu else max(1, int(self.args.num_cpus)))
+        self.model = load_encoder(self.args.model, self.args.backend,
+                                  device="cuda" if gpu else "cpu", threads=threads)
         self.max_length = self.args.max_length or self.model.settings.max_length
-        self.encode.set_max_batch_size(self.args.max_batch_size)
-        self.encode.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        self.device = device
+        self.device = self.model.device
+        self._queue: collections.deque = collections.deque()
+        self._arrived = asyncio.Event()
+        self._worker: Optional[asyncio.Task] = None
+        self.batches = collections.Counter()  # batch size (texts) -> count, for /metrics
 
     def info(self) -> dict:
         """What the ingress needs to validate requests and describe the model."""
-        colbert = self.model.colbert_linear
-        return {"dim": self.model.dim, "has_sparse": self.model.has_sparse,
-                "has_multivector": self.model.has_multivector,
-                "multivector_dim": colbert.out_features if colbert is not None else None,
-                "max_length": self.max_length, "device": self.device,
-                "matryoshka_dims": list(self.model.settings.matryoshka_dims)}
+        return {**self.model.info(), "max_length": self.max_length}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_count_texts)
-    async def encode(self, items: list[dict]) -> list[dict]:
-        """items[i] = {texts, kind, dense, sparse, multivector, dim}; mixed kinds/outputs allowed."""
-        return await asyncio.to_thread(self._encode_items, items)
+    async def encode(self, item: dict) -> dict:
+        """item = {texts, kind, dense, sparse, multivector, dim}; returns the outputs, or
+        {"error", "status", "code"} for this call alone."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._arrived.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run_batches())
+        return await future
 
-    def _encode_items(self, items: list[dict]) -> list[Any]:
-        """Group the batch by (kind, outputs), one encode per group, then split per call."""
-        from raylib.model import truncate_dims
+    async def _run_batches(self) -> None:
+        """Take waiting calls up to max_batch_size texts, encode them in a thread, repeat."""
+        limit, wait_s = self.args.max_batch_size, self.args.batch_wait_timeout_s
+        while self._queue:
+            if wait_s > 0 and _count_texts(self._queue) < limit:  # the model is idle: let it fill
+                deadline = time.monotonic() + wait_s
+                while _count_texts(self._queue) < limit and time.monotonic() < deadline:
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())
+                    except asyncio.TimeoutError:
+                        break
+            batch = [self._queue.popleft()]
+            n = len(batch[0][0]["texts"])
+            while self._queue and n + len(self._queue[0][0]["texts"]) <= limit:
+                n += len(self._queue[0][0]["texts"])
+                batch.append(self._queue.popleft())
+            self.batches[n] += 1
+            try:
+                results = await asyncio.to_thread(self._encode_items, [b[0] for b in batch])
+            except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
+                results = [item_error(exc)] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if not future.done():  # the caller may have gone
+                    future.set_result(result)
 
+    def _encode_items(self, items: list[dict]) -> list[dict]:
+        """Group the batch by (kind, outputs), one forward per group; a group that fails is
+        retried call by call, so one bad input never fails the others."""
         results: list[Any] = [None] * len(items)
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
         for i, item in enumerate(items):
             key = (item["kind"], bool(item.get("dense", True)), bool(item.get("sparse")),
                    bool(item.get("multivector")))
             groups[key].append(i)
-        for (kind, dense, sparse, multi), members in groups.items():
-            texts = [t for i in members for t in items[i]["texts"]]
+        for key, members in groups.items():
             try:
-                out = self.model.encode(texts, kind=kind, dense=dense, sparse=sparse,
-                                        multivector=multi, batch_size=len(texts),
-                                        max_length=self.max_length)
-                lengths = [len(ids) for ids in self.model.tokenize(
-                    texts, kind, self.max_length, padding=False)["input_ids"]]
-            except ValueError as exc:  # bad input in one call must not fail the others
-                out = None
-                error = exc
-            start = 0
-            for i in members:
-                n = len(items[i]["texts"])
-                if out is None:
-                    results[i] = error
-                    start += n
-                    continue
-                res: dict[str, Any] = {"n_tokens": lengths[start:start + n]}
-                if dense:
-                    emb = out["dense"][start:start + n]
-                    dim = items[i].get("dim")
-                    res["dense"] = truncate_dims(emb, dim).astype(np.float32) if dim else emb
-                if sparse:
-                    rows = out["sparse"][start:start + n]
-                    res["sparse"] = rows
-                    res["sparse_tokens"] = [
-                        dict(zip(row, self.model.tokenizer.convert_ids_to_tokens(list(row))))
-                        for row in rows]
-                if multi:
-                    res["multivector"] = out["multivector"][start:start + n]
-                results[i] = res
-                start += n
+                outs = self._encode_group(key, [items[i] for i in members])
+            except Exception as exc:  # noqa: BLE001 - isolated below
+                if len(members) == 1:
+                    outs = [item_error(exc)]
+                else:
+                    outs = []
+                    for i in members:
+                        try:
+                            outs += self._encode_group(key, [items[i]])
+                        except Exception as one:  # noqa: BLE001 - this call's error only
+                            outs.append(item_error(one))
+            for i, out in zip(members, outs):
+                results[i] = out
+        return results
+
+    def _encode_group(self, key: tuple, items: list[dict]) -> list[dict]:
+        """Tokenize once (ids and token counts from the same pass), one forward, split per call."""
+        from raylib.model import truncate_dims
+
+        kind, dense, sparse, multi = key
+        texts = [t for item in items for t in item["texts"]]
+        ids = self.model.tokenize(texts, kind, self.max_length)
+        out = self.model.encode_ids(ids, dense, sparse, multi, batch_size=len(ids))
+        if dense and not np.isfinite(out["dense"]).all():
+            raise FloatingPointError("the model produced non-finite values")
+        if multi and not all(np.isfinite(m).all() for m in out["multivector"]):
+            raise FloatingPointError("the model produced non-finite values")
+        results, start = [], 0
+        for item in items:
+            n = len(item["texts"])
+            res: dict[str, Any] = {"n_tokens": [len(x) for x in ids[start:start + n]]}
+            if dense:
+                emb, dim = out["dense"][start:start + n], item.get("dim")
+                res["dense"] = truncate_dims(emb, dim).astype(np.float32) if dim else emb
+            if sparse:
+                rows = out["sparse"][start:start + n]
+                res["sparse"] = rows
+                res["sparse_tokens"] = [
+                    dict(zip(row, self.model.tokenizer.convert_ids_to_tokens(list(row))))
+                    for row in rows]
+            if multi:
+                res["multivector"] = out["multivector"][start:start + n]
+            results.append(res)
+            start += n
         return results
 
     def check_health(self) -> None:
@@ -154,51 +212,18 @@ class EncoderDeployment:
             raise RuntimeError("encoder not loaded")
 
 
-# ------------------------------------------------------------------------------- reranker
-@serve.deployment(name="HybridReranker")
-class HybridReranker:
-    """Scores documents for a query with weighted dense + lexical + late-interaction fusion."""
+def _cuda_available() -> bool:
+    try:
+        import torch
 
-    def __init__(self, encoder: DeploymentHandle, args: dict):
-        self.encoder = encoder
-        self.args = ServeArgs.model_validate(args)
-        self._info: Optional[dict] = None
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
-    async def rerank(self, query: str, documents: list[str], weights: list[float]) -> dict:
-        """Per-document dense, sparse, multivector and fused scores (None where the model lacks
-        a head); fusion = sum_k w_k s_k / sum_k w_k over the available components."""
-        from raylib.scoring import dense_scores, hybrid_scores, lexical_scores, multivector_scores
 
-        if self._info is None:
-            self._info = await self.encoder.info.remote()
-        sparse, multi = self._info["has_sparse"], self._info["has_multivector"]
-        dense = True
-        use = [dense and weights[0] > 0, sparse and weights[1] > 0, multi and weights[2] > 0]
-        flags = {"dense": dense, "sparse": sparse, "multivector": multi}
-        step = self.args.max_batch_size
-        calls = [self.encoder.encode.remote({"texts": [query], "kind": "query", **flags})]
-        calls += [self.encoder.encode.remote({"texts": documents[s:s + step], "kind": "document",
-                                              **flags})
-                  for s in range(0, len(documents), step)]
-        outs = await asyncio.gather(*calls)
-        for out in outs:
-            if isinstance(out, Exception):
-                raise out
-        q, docs = outs[0], outs[1:]
-        scores: dict[str, Optional[np.ndarray]] = {"dense": None, "sparse": None, "multivector": None}
-        scores["dense"] = dense_scores(q["dense"], np.concatenate([o["dense"] for o in docs]))[0]
-        if sparse:
-            d_sparse = [row for o in docs for row in o["sparse"]]
-            scores["sparse"] = lexical_scores(q["sparse"], d_sparse)[0]
-        if multi:
-            d_multi = [m for o in docs for m in o["multivector"]]
-            scores["multivector"] = multivector_scores(q["multivector"], d_multi)[0]
-        fused = hybrid_scores(*(scores[k] if u else None for k, u in zip(scores, use)),
-                              weights=weights)
-        n_tokens = q["n_tokens"][0] + sum(sum(o["n_tokens"]) for o in docs)
-        return {"hybrid": fused.tolist(),
-                **{k: (v.tolist() if v is not None else None) for k, v in scores.items()},
-                "unavailable": [k for k, v in scores.items() if v is None], "n_tokens": n_tokens}
+def _count_texts(items) -> int:
+    """Texts waiting in (item, future) pairs: a batch's size is its texts, not its calls."""
+    return sum(len(item["texts"]) for item, _ in items)
 
 
 # ------------------------------------------------------------------------------- ingress
@@ -326,8 +351,8 @@ async def _auth_limits_metrics(request: Request, call_next):
 class Ingress:
     """HTTP front: validation, limits, auth, OpenAI formatting; the work is done by handles."""
 
-    def __init__(self, encoder: DeploymentHandle, reranker: DeploymentHandle, args: dict):
-        self.encoder, self.reranker = encoder, reranker
+    def __init__(self, encoder: DeploymentHandle, args: dict):
+        self.encoder = encoder
         self.args = ServeArgs.model_validate(args)
         self.api_key = self.args.api_key or os.environ.get(API_KEY_ENV) or None
         self.model_name = self.args.served_model_name or os.path.basename(
@@ -340,7 +365,7 @@ class Ingress:
     # ---------------------------------------------------------------- helpers
     async def info(self) -> dict:
         if self._info is None:
-            self._info = await self._call(self.encoder.info.remote())
+            self._info = await self._call(lambda: self.encoder.info.remote())
         return self._info
 
     def overloaded(self, why: str) -> JSONResponse:
@@ -349,17 +374,31 @@ class Ingress:
                               type="server_overloaded",
                               headers={"Retry-After": str(self.args.retry_after_s)})
 
-    async def _call(self, response):
-        """Await a handle response; backpressure -> 503 JSON, encoder ValueError -> 400."""
-        try:
-            return await response
-        except BackPressureError as exc:
-            raise APIError(503, f"Server over capacity: {exc.message} Retry after "
-                                f"{self.args.retry_after_s} s.", None, "over_capacity",
-                           type="server_overloaded",
-                           headers={"Retry-After": str(math.ceil(self.args.retry_after_s))})
-        except ValueError as exc:
-            raise APIError(400, str(exc).splitlines()[-1], None, "invalid_value")
+    async def _call(self, make_call):
+        """Await a handle call (made by `make_call`, so it can be made again). Backpressure ->
+        503 JSON; a replica lost mid-call is retried (encoding is idempotent) up to
+        `replica_retries` times, then 503 + Retry-After; a per-call error -> its status."""
+        retry_after = {"Retry-After": str(math.ceil(self.args.retry_after_s))}
+        for attempt in range(self.args.replica_retries + 1):
+            try:
+                out = await make_call()
+                break
+            except BackPressureError as exc:
+                raise APIError(503, f"Server over capacity: {exc.message} Retry after "
+                                    f"{self.args.retry_after_s} s.", None, "over_capacity",
+                               type="server_overloaded", headers=retry_after)
+            except (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError) as exc:
+                logger.warning("encoder replica lost (attempt %d): %s", attempt + 1,
+                               type(exc).__name__)
+                if attempt == self.args.replica_retries:
+                    raise APIError(503, "An encoder replica was lost; retry after "
+                                        f"{self.args.retry_after_s} s.", None, "replica_lost",
+                                   type="server_overloaded", headers=retry_after)
+                await asyncio.sleep(0.2 * 2 ** attempt)
+        if isinstance(out, dict) and "error" in out and "status" in out:
+            raise APIError(out["status"], out["error"], None, out["code"],
+                           type="invalid_request_error" if out["status"] < 500 else "server_error")
+        return out
 
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model not in (self.model_name, self.args.model):
@@ -382,6 +421,11 @@ class Ingress:
             if not text.strip():
                 raise APIError(400, f"'{param}[{i}]' is empty or whitespace only.",
                                f"{param}.{i}", "invalid_value")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # lone surrogates (JSON "\\ud800") are not text
+                raise APIError(400, f"'{param}[{i}]' is not valid Unicode text ({exc.reason} at "
+                                    f"character {exc.start}).", f"{param}.{i}", "invalid_value")
             if len(text) > self.args.max_chars_per_input:
                 raise APIError(413, f"'{param}[{i}]' has {len(text)} characters; the limit is "
                                     f"{self.args.max_chars_per_input}.", f"{param}.{i}",
@@ -404,11 +448,8 @@ class Ingress:
         flags = {"kind": kind, "dense": dense, "sparse": sparse, "multivector": multivector,
                  "dim": dim}
         outs = await asyncio.gather(*[
-            self._call(self.encoder.encode.remote({"texts": texts[s:s + step], **flags}))
+            self._call(lambda s=s: self.encoder.encode.remote({"texts": texts[s:s + step], **flags}))
             for s in range(0, len(texts), step)])
-        for out in outs:
-            if isinstance(out, Exception):
-                raise APIError(400, str(out), None, "invalid_value")
         merged: dict[str, Any] = {"n_tokens": [n for o in outs for n in o["n_tokens"]]}
         if dense:
             merged["dense"] = np.concatenate([o["dense"] for o in outs])
@@ -484,6 +525,9 @@ class Ingress:
                                     f"{out_dim}.", "int8_range")
             if not np.all(hi_a > lo_a):
                 raise APIError(400, "int8_range needs hi > lo in every dimension.", "int8_range")
+            if not np.all(hi_a - lo_a >= 1e-6):  # a step that underflows gives non-finite codes
+                raise APIError(400, "int8_range needs hi - lo >= 1e-6 in every dimension.",
+                               "int8_range")
             calibration = Int8Calibration(lo_a.copy(), ((hi_a - lo_a) / 255.0).astype(np.float32))
         out = await self.encode(texts, body.kind, body.dense, body.sparse, body.multivector, dim)
         result: dict[str, Any] = {"object": "list", "model": self.model_name, "kind": body.kind}
@@ -516,6 +560,29 @@ class Ingress:
         result["usage"] = {"prompt_tokens": tokens_used, "total_tokens": tokens_used}
         return JSONResponse(result)
 
+    async def hybrid_scores(self, query: str, documents: list[str], weights: list[float],
+                            info: dict) -> dict:
+        """Per-document dense, sparse, multivector and fused scores (None where the model lacks
+        a head); fusion = sum_k w_k s_k / sum_k w_k over the available components (M3 §3.2)."""
+        from raylib.scoring import dense_scores, hybrid_scores, lexical_scores, multivector_scores
+
+        sparse, multi = info["has_sparse"], info["has_multivector"]
+        q, d = await asyncio.gather(self.encode([query], "query", True, sparse, multi),
+                                    self.encode(documents, "document", True, sparse, multi))
+        scores: dict[str, Optional[np.ndarray]] = {"dense": None, "sparse": None, "multivector": None}
+        scores["dense"] = dense_scores(q["dense"], d["dense"])[0]
+        if sparse:
+            scores["sparse"] = lexical_scores(q["sparse"], d["sparse"])[0]
+        if multi:
+            scores["multivector"] = multivector_scores(q["multivector"], d["multivector"])[0]
+        use = [weights[0] > 0, sparse and weights[1] > 0, multi and weights[2] > 0]
+        fused = hybrid_scores(*(scores[k] if u else None for k, u in zip(scores, use)),
+                              weights=weights)
+        n_tokens = int(sum(q["n_tokens"]) + sum(d["n_tokens"]))
+        return {"hybrid": fused.tolist(),
+                **{k: (v.tolist() if v is not None else None) for k, v in scores.items()},
+                "unavailable": [k for k, v in scores.items() if v is None], "n_tokens": n_tokens}
+
     @api.post("/rerank")
     async def rerank(self, body: RerankRequest) -> JSONResponse:
         """Documents sorted by fused score, each with its dense/sparse/multivector components."""
@@ -535,7 +602,7 @@ class Ingress:
             raise APIError(400, "weights give zero weight to every score this model has "
                                 f"(dense; sparse: {info['has_sparse']}; multivector: "
                                 f"{info['has_multivector']}).", "weights")
-        out = await self._call(self.reranker.rerank.remote(body.query, documents, weights))
+        out = await self.hybrid_scores(body.query, documents, weights, info)
         order = np.argsort(-np.asarray(out["hybrid"]), kind="stable")
         if body.top_n is not None:
             order = order[:body.top_n]
@@ -573,16 +640,13 @@ def app(args: ServeArgs) -> serve.Application:
         scaling = {"num_replicas": args.num_replicas}
     # Serve needs max_ongoing_requests >= max_batch_size or batches stay small (RAY_NOTES).
     encoder = EncoderDeployment.options(
-        max_ongoing_requests=args.max_ongoing_requests,
+        max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
         max_queued_requests=args.max_queued_requests,
         backpressure_config={"retry_after_s": args.retry_after_s},
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus, **code},
         **scaling).bind(plain)
-    reranker = HybridReranker.options(
-        max_ongoing_requests=args.ingress_max_ongoing_requests,
-        ray_actor_options={"num_cpus": 0.1, **code}).bind(encoder, plain)
     return Ingress.options(
         max_ongoing_requests=2 * args.ingress_max_ongoing_requests,
         max_queued_requests=4 * args.ingress_max_ongoing_requests,
         backpressure_config={"retry_after_s": args.retry_after_s},
-        ray_actor_options={"num_cpus": 0.1, **code}).bind(encoder, reranker, plain)
+        ray_actor_options={"num_cpus": 0.1, **code}).bind(encoder, plain)

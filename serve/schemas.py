@@ -1,8 +1,13 @@
 """Typed arguments of the Serve app and the JSON bodies of its routes (pydantic models)."""
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+# Numbers in requests: finite and in a range whose float32 arithmetic stays finite.
+Bound = Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]
+Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
 
 class AutoscalingArgs(BaseModel):
@@ -23,15 +28,20 @@ class ServeArgs(BaseModel):
     model: str = Field("minilm", description="a raylib model name (minilm, me5-small) or a local dir")
     served_model_name: Optional[str] = Field(None, description="name in /v1/models; default: model")
     max_length: Optional[int] = Field(None, ge=8, description="token cap; default: the model's")
-    # dynamic batching (texts per forward pass, and how long a batch waits to fill)
+    backend: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "torch", description="raylib.onnx_backend backend of the Encoder replicas")
+    # continuous batching: texts per forward pass; how long an idle model waits for a batch to
+    # fill (0: start at once; under load batches fill while the previous one runs)
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
     # Encoder replicas: a fixed count, or autoscaling when `autoscaling` is set
     num_replicas: int = Field(1, ge=1)
     autoscaling: Optional[AutoscalingArgs] = None
     num_gpus: float = Field(0.0, ge=0, description="GPUs per Encoder replica (0: CPU)")
     num_cpus: float = Field(1.0, ge=0, description="CPU tokens per Encoder replica")
-    torch_threads: Optional[int] = Field(None, ge=1, description="torch.set_num_threads per replica")
+    torch_threads: Optional[int] = Field(
+        None, ge=1, description="intra-op threads per replica (torch or ONNX Runtime); default: "
+                                "int(num_cpus) on CPU, at least 1")
     # auth: None disables it; the env var RAYLIB_SERVE_API_KEY is read when this is unset
     api_key: Optional[str] = None
     # limits (413 beyond them) and capacity (503 + Retry-After beyond them)
@@ -42,6 +52,7 @@ class ServeArgs(BaseModel):
     ingress_max_ongoing_requests: int = Field(256, ge=1,
                                               description="in-flight HTTP requests per ingress replica")
     retry_after_s: int = Field(1, ge=0)
+    replica_retries: int = Field(2, ge=0, description="re-sends of a call whose replica died")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
@@ -57,7 +68,7 @@ class EmbeddingsRequest(BaseModel):
 
     input: Union[str, list[str], list[int], list[list[int]]]
     model: Optional[str] = None
-    dimensions: Optional[int] = None
+    dimensions: Optional[int] = Field(None, ge=-2**31, le=2**31)
     encoding_format: Literal["float", "base64"] = "float"
     user: Optional[str] = None
     # extension (as Voyage/Cohere): which prefix the Encoder adds; OpenAI has no such notion
@@ -74,10 +85,10 @@ class EncodeRequest(BaseModel):
     dense: bool = True
     sparse: bool = False
     multivector: bool = False
-    dimensions: Optional[int] = None
+    dimensions: Optional[int] = Field(None, ge=-2**31, le=2**31)
     quantization: Optional[Literal["int8", "binary"]] = None
     # int8 calibration: scalar or per-dimension [lo, hi]; default [-1, 1] (normalized vectors)
-    int8_range: Optional[tuple[Union[float, list[float]], Union[float, list[float]]]] = None
+    int8_range: Optional[tuple[Union[Bound, list[Bound]], Union[Bound, list[Bound]]]] = None
 
 
 class RerankWeights(BaseModel):
@@ -85,9 +96,9 @@ class RerankWeights(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dense: float = Field(0.4, ge=0)
-    sparse: float = Field(0.2, ge=0)
-    multivector: float = Field(0.4, ge=0)
+    dense: Weight = 0.4
+    sparse: Weight = 0.2
+    multivector: Weight = 0.4
 
 
 class RerankRequest(BaseModel):
@@ -98,6 +109,6 @@ class RerankRequest(BaseModel):
     query: str
     documents: list[str]
     model: Optional[str] = None
-    weights: Optional[Union[RerankWeights, tuple[float, float, float]]] = None
-    top_n: Optional[int] = Field(None, ge=1)
+    weights: Optional[Union[RerankWeights, tuple[Weight, Weight, Weight]]] = None
+    top_n: Optional[int] = Field(None, ge=1, le=2**31)
     return_documents: bool = False
