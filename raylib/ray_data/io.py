@@ -220,9 +220,45 @@ def _unreadable(path: str, error: Exception) -> ValueError:
     return ValueError(f"cannot read input file {path}: {type(error).__name__}: {error}")
 
 
+def iter_jsonl_file(f: Any, path: str, rows_per_block: int = 20_000) -> Iterator[pa.Table]:
+    """Blocks of `rows_per_block` parsed lines of one JSONL stream (pure, no Ray; see
+    `parse_jsonl_lines`). A UTF-8 byte-order mark at the start of the file is skipped."""
+    pending: list[bytes] = []
+    tail = b""
+    first = True
+    while True:
+        try:
+            chunk = f.read(8 << 20)
+        except (OSError, pa.ArrowException) as e:
+            raise _unreadable(path, e) from e
+        if not chunk:
+            break
+        if first:
+            chunk, first = chunk.removeprefix(b"\xef\xbb\xbf"), False
+        parts = (tail + chunk).split(b"\n")
+        tail = parts.pop()
+        pending.extend(p for p in parts if p.strip())
+        while len(pending) >= rows_per_block:
+            yield parse_jsonl_lines(pending[:rows_per_block])
+            pending = pending[rows_per_block:]
+    if tail.strip():
+        pending.append(tail)
+    if pending:
+        yield parse_jsonl_lines(pending)
+
+
+def iter_parquet_file(f: Any, path: str, rows_per_block: int = 20_000) -> Iterator[pa.Table]:
+    """Blocks of at most `rows_per_block` rows of one Parquet file, read batch by batch with the
+    file's own schema and turned into text by `text_table` (pure, no Ray)."""
+    try:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_block, use_threads=False):
+            yield text_table(pa.Table.from_batches([batch]))
+    except (OSError, pa.ArrowException) as e:
+        raise _unreadable(path, e) from e
+
+
 class JsonlDatasource(FileBasedDatasource):
-    """JSON-lines files read in a stream of blocks of `rows_per_block` lines; never raises on a
-    bad line (see `parse_jsonl_lines`). A UTF-8 byte-order mark at the start of a file is skipped."""
+    """JSON-lines files, each read as a stream of blocks by `iter_jsonl_file`."""
 
     _FILE_EXTENSIONS = ["jsonl", "json", "ndjson", "gz"]
 
@@ -231,33 +267,11 @@ class JsonlDatasource(FileBasedDatasource):
         self.rows_per_block = rows_per_block
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        pending: list[bytes] = []
-        tail = b""
-        first = True
-        while True:
-            try:
-                chunk = f.read(8 << 20)
-            except (OSError, pa.ArrowException) as e:
-                raise _unreadable(path, e) from e
-            if not chunk:
-                break
-            if first:
-                chunk, first = chunk.removeprefix(b"\xef\xbb\xbf"), False
-            parts = (tail + chunk).split(b"\n")
-            tail = parts.pop()
-            pending.extend(p for p in parts if p.strip())
-            while len(pending) >= self.rows_per_block:
-                yield parse_jsonl_lines(pending[: self.rows_per_block])
-                pending = pending[self.rows_per_block:]
-        if tail.strip():
-            pending.append(tail)
-        if pending:
-            yield parse_jsonl_lines(pending)
+        yield from iter_jsonl_file(f, path, self.rows_per_block)
 
 
 class ParquetTextDatasource(FileBasedDatasource):
-    """Parquet files read row group by row group (batches of `rows_per_block` rows), each file
-    with its own schema, every column turned into text by `text_table`."""
+    """Parquet files, each read on its own, batch by batch, by `iter_parquet_file`."""
 
     _FILE_EXTENSIONS = ["parquet", "pq"]
 
@@ -272,13 +286,7 @@ class ParquetTextDatasource(FileBasedDatasource):
             raise _unreadable(path, e) from e
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        try:
-            batches = pq.ParquetFile(f).iter_batches(batch_size=self.rows_per_block,
-                                                     use_threads=False)
-            for batch in batches:
-                yield text_table(pa.Table.from_batches([batch]))
-        except (OSError, pa.ArrowException) as e:
-            raise _unreadable(path, e) from e
+        yield from iter_parquet_file(f, path, self.rows_per_block)
 
 
 def read_table(path: str | Sequence[str], rows_per_block: int = 20_000,
@@ -332,7 +340,7 @@ def _text_flags(text: pa.Array) -> tuple[list[bool], list[bool]]:
 
 def row_reasons(table: pa.Table, required: Sequence[str], max_chars: int | None) -> list[str | None]:
     """Per row the first reason it is bad (or None), checking reader marks, then each required
-    column in order: missing_column, null, not_string, undecodable, lone_surrogate, empty,
+    column in order: null (or missing), not_string, undecodable, lone_surrogate, empty,
     control_chars, no_visible_text, too_long."""
     n = table.num_rows
     reasons: list[str | None] = [None] * n
@@ -347,10 +355,10 @@ def row_reasons(table: pa.Table, required: Sequence[str], max_chars: int | None)
                 reasons[i] = mark
                 break
     for col in req:
-        if col not in table.column_names:
-            for i in range(n):
+        if col not in table.column_names:  # as null: the reason must not depend on which
+            for i in range(n):               # files Ray happens to batch together
                 if reasons[i] is None and not (marks[i] or "").startswith(("invalid_json", "not_object")):
-                    reasons[i] = f"missing_column:{col}"
+                    reasons[i] = f"null:{col}"
             continue
         text, problems = _text_array(table.column(col))
         values = text.to_pylist()
