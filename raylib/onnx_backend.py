@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -258,7 +259,10 @@ def _export_fp32(path: Path, target: Path) -> None:
             "dense": {0: "batch"}, "sparse": {0: "batch", 1: "seq"},
             "multivector": {0: "batch", 1: "seq1"}}
     ids = model.tokenize(["an example text to trace", "two"], "document")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # tracer notes on transformers' mask helper (a shape check that is constant for
+        # encoders) and on index ops (our indices are never negative)
+        warnings.simplefilter("ignore")
         torch.onnx.export(Graph(model), (ids["input_ids"], ids["attention_mask"]), str(target),
                           input_names=["input_ids", "attention_mask"], output_names=names,
                           dynamic_axes={k: v for k, v in axes.items()

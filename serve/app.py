@@ -66,9 +66,15 @@ class APIError(Exception):
 def error_response(status: int, message: str, param: Optional[str] = None,
                    code: Optional[str] = None, type: str = "invalid_request_error",
                    headers: Optional[dict[str, str]] = None) -> JSONResponse:
-    """An OpenAI-style error body."""
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """An OpenAI-style error body (echoed input that is not valid Unicode is escaped)."""
+    body = {"error": {"message": _printable(message), "type": type,
+                      "param": _printable(param) if param is not None else None, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _printable(text: str) -> str:
+    """Text that encodes as UTF-8 (lone surrogates from a request become \\udXXX escapes)."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 INPUT_ERRORS = (ValueError, TypeError, UnicodeError)  # a bad input: 400 for its caller only
