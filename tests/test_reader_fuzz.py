@@ -163,7 +163,7 @@ def write_jsonl_files(c: Corpus) -> None:
         c.count(reason)
     # a lone surrogate in a carried column or a key is cleaned, and the row is kept
     row = c.valid_row()
-    lines.append(json.dumps({**row, "id": "\ud83d", "k\udfff": "v"}).encode())
+    lines.append(json.dumps({**row, "id": "\ud83d", "k\udfff": "v", "a,b": 1, "": [2]}).encode())
     c.count(None)
     first = c.valid_row()  # after the BOM: must be kept
     c.count(None)
@@ -213,6 +213,20 @@ def test_readers_without_ray(tmp_path, seed):
     assert total == c.total
     assert Counter(good) == Counter(c.valid)
     assert reasons == c.rejects
+
+
+def test_line_over_the_limit_is_rejected_unread(tmp_path, monkeypatch):
+    import raylib.ray_data.io as io
+
+    monkeypatch.setattr(io, "MAX_LINE_BYTES", 1 << 20)
+    ok = json.dumps({"query": "q", "document": "d", "source": "s", "language": "l"}).encode()
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(ok + b"\n" + b'{"query": "' + b"a" * (20 << 20) + b'"}\n' + ok + b"\n" + ok)
+    with pafs.LocalFileSystem().open_input_stream(str(path)) as f:
+        tables = list(iter_jsonl_file(f, str(path)))
+    reasons = [r for t in tables for r in row_reasons(t, REQUIRED, None)]
+    assert reasons == [None, "line_too_long", None, None]
+    assert len(tables[0].column("_raw")[1].as_py()) == 1024
 
 
 def test_unreadable_file_names_the_file(tmp_path):

@@ -35,6 +35,10 @@ INTERNAL = (BAD_FIELDS, RAW)
 # Python lists that is >1 GB per worker, growing with the number of files. A fixed batch keeps a
 # worker's memory independent of the input.
 ROWS_PER_BATCH = 10_000
+LINE_MARKS = ("invalid_json", "not_object", "line_too_long")  # marks that reject the whole line
+# A JSONL line longer than this is rejected unread (`line_too_long`), so a file without newlines
+# cannot grow a read task's memory without bound. Far above any row `max_chars` would keep.
+MAX_LINE_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------------------- reading
@@ -44,7 +48,6 @@ ROWS_PER_BATCH = 10_000
 # how one file is read never depends on another. Values that were not text arrive as text (JSON
 # for nested values) with a `not_string:<col>` mark, which rejects the row if the column is
 # required and is ignored otherwise (a carried `id` of int64 becomes "12").
-_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
 _BINARY_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view,
                  pa.types.is_fixed_size_binary)
 _TEXT_AS_BINARY = {pa.types.is_string: pa.binary(), pa.types.is_large_string: pa.large_binary(),
@@ -134,6 +137,15 @@ def _to_string(arr: pa.Array) -> pa.Array:
         return pc.cast(arr, pa.large_string())
 
 
+def _mark_name(name: str) -> str:
+    """A column name as it appears in a mark (marks are comma-separated)."""
+    return name.replace(",", "%2C")
+
+
+class _CutLine(bytes):
+    """The first bytes of a JSONL line longer than MAX_LINE_BYTES (rejected, not parsed)."""
+
+
 def _join_marks(n: int, columns: dict[str, list[str | None] | None],
                 existing: list[str | None] | None = None) -> pa.Array:
     """Per row "kind:col,..." from per-column problems (null where a row has none)."""
@@ -144,7 +156,7 @@ def _join_marks(n: int, columns: dict[str, list[str | None] | None],
             continue
         for i, p in enumerate(problems):
             if p is not None:
-                marks[i].append(f"{p}:{name}")
+                marks[i].append(f"{p}:{_mark_name(name)}")
     return pa.array([",".join(m) if m else None for m in marks], type=pa.string())
 
 
@@ -180,11 +192,12 @@ def parse_jsonl_lines(lines: Sequence[bytes]) -> pa.Table:
         marks: list[str] = []
         text = line.decode("utf-8", "surrogateescape")
         try:
-            obj = json.loads(text)
+            obj = None if isinstance(line, _CutLine) else json.loads(text)
         except (ValueError, RecursionError):
             obj = None
         if not isinstance(obj, dict):
-            marks.append("invalid_json" if obj is None else "not_object")
+            marks.append("line_too_long" if isinstance(line, _CutLine)
+                         else "invalid_json" if obj is None else "not_object")
             rows.append({})
             raws.append(_clean_str(text)[0])
             bad.append(marks)
@@ -196,18 +209,18 @@ def parse_jsonl_lines(lines: Sequence[bytes]) -> pa.Table:
                 continue
             if value is not None and not isinstance(value, str):
                 value = _json_text(value)
-                marks.append(f"not_string:{key}")
+                marks.append(f"not_string:{_mark_name(key)}")
             elif value is not None:
                 value, problem = _clean_str(value)
                 if problem:
-                    marks.append(f"{problem}:{key}")
+                    marks.append(f"{problem}:{_mark_name(key)}")
             row[key] = value
         rows.append(row)
         raws.append(None)
         bad.append(marks)
-    names: list[str] = []
+    names: dict[str, None] = {}
     for row in rows:
-        names.extend(k for k in row if k not in names)
+        names.update(dict.fromkeys(row))
     columns = {name: pa.array([r.get(name) for r in rows], type=pa.string()) for name in names}
     columns[BAD_FIELDS] = pa.array([",".join(m) if m else None for m in bad], type=pa.string())
     columns[RAW] = pa.array(raws, type=pa.string())
@@ -225,7 +238,7 @@ def iter_jsonl_file(f: Any, path: str, rows_per_block: int = 20_000) -> Iterator
     `parse_jsonl_lines`). A UTF-8 byte-order mark at the start of the file is skipped."""
     pending: list[bytes] = []
     tail = b""
-    first = True
+    first, skipping = True, False  # skipping: inside a line over MAX_LINE_BYTES, up to its end
     while True:
         try:
             chunk = f.read(8 << 20)
@@ -235,9 +248,17 @@ def iter_jsonl_file(f: Any, path: str, rows_per_block: int = 20_000) -> Iterator
             break
         if first:
             chunk, first = chunk.removeprefix(b"\xef\xbb\xbf"), False
+        if skipping:
+            end = chunk.find(b"\n")
+            if end < 0:
+                continue
+            chunk, skipping = chunk[end + 1:], False
         parts = (tail + chunk).split(b"\n")
         tail = parts.pop()
         pending.extend(p for p in parts if p.strip())
+        if len(tail) > MAX_LINE_BYTES:
+            pending.append(_CutLine(tail[:1024]))
+            tail, skipping = b"", True
         while len(pending) >= rows_per_block:
             yield parse_jsonl_lines(pending[:rows_per_block])
             pending = pending[rows_per_block:]
@@ -351,13 +372,13 @@ def row_reasons(table: pa.Table, required: Sequence[str], max_chars: int | None)
             continue
         for mark in m.split(","):
             kind, _, col = mark.partition(":")
-            if not col or col in req:  # line-level marks, or a required column's value
+            if kind in LINE_MARKS or col in req:  # a whole line, or a required column's value
                 reasons[i] = mark
                 break
     for col in req:
         if col not in table.column_names:  # as null: the reason must not depend on which
             for i in range(n):               # files Ray happens to batch together
-                if reasons[i] is None and not (marks[i] or "").startswith(("invalid_json", "not_object")):
+                if reasons[i] is None and not (marks[i] or "").startswith(LINE_MARKS):
                     reasons[i] = f"null:{col}"
             continue
         text, problems = _text_array(table.column(col))
@@ -379,9 +400,6 @@ def row_reasons(table: pa.Table, required: Sequence[str], max_chars: int | None)
                 reasons[i] = f"no_visible_text:{col}"
             elif max_chars is not None and len(v) > max_chars:
                 reasons[i] = f"too_long:{col}"
-    for i, m in enumerate(marks):  # rows from unparseable lines always reject
-        if reasons[i] is None and m and m.split(",")[0] in ("invalid_json", "not_object"):
-            reasons[i] = m.split(",")[0]
     return reasons
 
 
