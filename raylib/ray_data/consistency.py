@@ -217,10 +217,14 @@ class ShardFilter:
         ranks = np.zeros(n, dtype=np.int64)
         if self.top_k is not None and keep.any():
             idx = np.flatnonzero(keep)
-            ranks[idx] = consistency_ranks(_matrix(table.column(self.q_col))[idx],
-                                           _matrix(table.column(self.d_col))[idx],
-                                           document_keys([documents[i] for i in idx]),
+            # embeddings leave the table first: one copy of them at a time (Arrow's, or ours)
+            q_emb, d_emb = _matrix(table.column(self.q_col)), _matrix(table.column(self.d_col))
+            table = table.drop_columns([self.q_col, self.d_col])
+            if len(idx) < n:
+                q_emb, d_emb = q_emb[idx], d_emb[idx]
+            ranks[idx] = consistency_ranks(q_emb, d_emb, document_keys([documents[i] for i in idx]),
                                            self.top_k, use_gpu=self.use_gpu)
+            del q_emb, d_emb
             consistent = np.zeros(n, dtype=bool)
             consistent[idx] = ranks[idx] <= self.top_k
         else:

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 class ShardActor:
     """One corpus shard: a FAISS exact-IP index over its documents, plus their ids and texts."""
 
-    def __init__(self, use_gpu: bool | None):
-        self.index = M.KeyedIndex(use_gpu=use_gpu)
+    def __init__(self, use_gpu: bool | None, dtype: str = "fp32", oversample: float = 2.0):
+        self.index = M.KeyedIndex(use_gpu=use_gpu, dtype=dtype, oversample=oversample)
         self._ids: list[pa.Array] = []
         self._texts: list[pa.Array] = []
 
@@ -78,13 +78,34 @@ def _corpus_batch(batch: pa.Table) -> pa.Table:
                      "d_key": pa.array(keys, pa.int64())})
 
 
-def build_shards(corpus: Dataset, cfg: MineJobConfig, num_docs: int) -> tuple[list, dict]:
-    """Embed `corpus` (document, doc_id) in an actor pool and route it by key into shard actors."""
+def index_budget(cfg: MineJobConfig) -> M.IndexBudget:
+    """The job's index byte budget (`cfg.index`, an IndexBudget or its dict); defaults without one."""
+    budget = getattr(cfg, "index", None)
+    if isinstance(budget, dict):
+        budget = M.IndexBudget(**budget)
+    return (budget or M.IndexBudget()).validate()
+
+
+def shard_plan(cfg: MineJobConfig, num_docs: int, dim: int) -> M.ShardPlan:
+    """Shards of `num_docs` teacher vectors of `dim` under the job's budget (GPU shards: GPU bytes)."""
     r = cfg.resources
-    n_shards = M.num_shards(num_docs, cfg.max_docs_per_shard)
+    return M.plan_shards(num_docs, dim, index_budget(cfg), cfg.candidates, r.mine_batch_size,
+                         on_gpu=r.shard_num_gpus > 0, max_docs_per_shard=cfg.max_docs_per_shard)
+
+
+def build_shards(corpus: Dataset, cfg: MineJobConfig, num_docs: int) -> tuple[list, dict]:
+    """Embed `corpus` (document, doc_id) in an actor pool and route it by key into shard actors,
+    as many as the byte budget needs once the first batch gives the teacher's dimension."""
+    r = cfg.resources
+    budget = index_budget(cfg)
     use_gpu = True if r.shard_num_gpus > 0 else False
-    shards = [ShardActor.options(num_cpus=r.shard_num_cpus, num_gpus=r.shard_num_gpus or None)
-              .remote(use_gpu) for _ in range(n_shards)]
+
+    def start(dim: int) -> tuple[M.ShardPlan, list]:
+        plan = shard_plan(cfg, num_docs, dim)
+        return plan, [ShardActor.options(num_cpus=r.shard_num_cpus, num_gpus=r.shard_num_gpus or None)
+                      .remote(use_gpu, budget.dtype, budget.oversample) for _ in range(plan.num_shards)]
+
+    plan, shards = None, []
     keyed = corpus.map_batches(_corpus_batch, batch_format="pyarrow", num_cpus=0.25,
                                batch_size=ROWS_PER_BATCH)
     embedded = embed(keyed, cfg.teacher, "document", "document", "d_emb",
@@ -95,6 +116,9 @@ def build_shards(corpus: Dataset, cfg: MineJobConfig, num_docs: int) -> tuple[li
     routed = 0
     for batch in embedded.iter_batches(batch_size=r.corpus_batch_size, batch_format="numpy"):
         keys, emb = batch["d_key"], batch["d_emb"]
+        if plan is None:
+            plan, shards = start(emb.shape[1])
+        n_shards = len(shards)
         where = M.shard_of(keys, n_shards)
         for i in range(n_shards):
             m = where == i
@@ -105,11 +129,17 @@ def build_shards(corpus: Dataset, cfg: MineJobConfig, num_docs: int) -> tuple[li
         if len(pending) > 4 * n_shards:  # bound the batches in flight
             done, pending = ray.wait(pending, num_returns=len(pending) - 2 * n_shards)
             ray.get(done)
+    if plan is None:  # an empty corpus: one empty shard
+        plan, shards = start(1)
     ray.get(pending)
     stats = ray.get([s.finalize.remote() for s in shards])
-    info = {"routed": routed, "shards": n_shards, "docs": sum(s["docs"] for s in stats),
+    info = {"routed": routed, "shards": len(shards), "docs": sum(s["docs"] for s in stats),
             "duplicates": sum(s["duplicates"] for s in stats),
-            "max_docs_in_a_shard": max(s["docs"] for s in stats)}
+            "max_docs_in_a_shard": max(s["docs"] for s in stats),
+            "index_dtype": budget.dtype, "plan": asdict(plan)}
+    if budget.memory_bytes is not None and info["max_docs_in_a_shard"] > plan.docs_per_shard:
+        raise AssertionError(f"a shard holds {info['max_docs_in_a_shard']:,} documents, over the "
+                             f"{plan.docs_per_shard:,} that index.memory_bytes allows")
     return shards, info
 
 
