@@ -16,11 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raylib.beir import load_beir  # noqa: E402
-from raylib.evaluation import evaluate_encoder  # noqa: E402
-from raylib.model import Encoder  # noqa: E402
+from raylib.beir import load_beir
+from raylib.evaluation import evaluate_encoder
+from raylib.model import Encoder
 
 PUBLISHED = {("me5-small", "scifact"): 0.67585, ("minilm", "xquad/zh"): 0.242}
 

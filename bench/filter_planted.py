@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")  # no 8 idle workers at start
 
-from raylib.beir import document_text, load_beir  # noqa: E402
+from raylib.beir import document_text, load_beir
 
 
 def planted_pairs(data_dir: str, swap: float, seed: int) -> list[dict]:
@@ -121,7 +120,7 @@ def main() -> dict:
     if args.no_ray:
         return in_process(rows, args)
 
-    from jobs.filter import FilterConfig, run
+    from raylib.jobs.filter import FilterConfig, run
     from raylib.config import load_config
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="filter_planted_"))

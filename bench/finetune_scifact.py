@@ -30,15 +30,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from raylib.beir import load_beir  # noqa: E402
-from raylib.metrics import evaluate  # noqa: E402
-from raylib.mining import KEPT, NegativeRule, mine_in_memory  # noqa: E402
-from raylib.model import Encoder  # noqa: E402
-from raylib.search import exact_search  # noqa: E402
+from raylib.beir import load_beir
+from raylib.metrics import evaluate
+from raylib.mining import KEPT, NegativeRule, mine_in_memory
+from raylib.model import Encoder
+from raylib.search import exact_search
 
 
 def dense_ndcg(encoder: Encoder, data, doc_emb: np.ndarray) -> float:
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     del teacher, doc_emb
 
     from raylib.config import load_config
-    from raylib.ray_train.finetune_objective import FinetuneJobConfig, make_objective
+    from raylib.jobs.finetune import FinetuneJobConfig
     from raylib.ray_train.loop import fit
 
     overrides = [

@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raylib.gradcache import forward_backward  # noqa: E402
-from raylib.losses.infonce import info_nce  # noqa: E402
-from raylib.model import Encoder  # noqa: E402
-from raylib.tiny import _WORDS, tiny_encoder  # noqa: E402
+from raylib.gradcache import forward_backward
+from raylib.losses.infonce import info_nce
+from raylib.model import Encoder
+from raylib.tiny import _WORDS, tiny_encoder
 
 SHAPES = {"minilm": dict(num_layers=6), "me5-small": dict(num_layers=12)}
 

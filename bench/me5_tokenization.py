@@ -23,10 +23,9 @@ import sys
 import unicodedata
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raylib import convert  # noqa: E402
-from raylib.beir import document_text  # noqa: E402
+from raylib import convert
+from raylib.beir import document_text
 
 
 def _texts(root: Path) -> list[str]:

@@ -28,7 +28,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MB = 1 << 20
 WORDS = [f"{a}{b}" for a in "bcdfghklmnprstvz" for b in ("a", "e", "i", "o", "u", "ar", "en", "ol")]
@@ -110,7 +109,7 @@ def make_data(root: Path, n_docs: int, n_queries: int, seed: int = 0) -> tuple[P
 def one(n_docs: int, n_queries: int, shard: int, dim: int) -> dict:
     import ray
 
-    from jobs.mine import main
+    from raylib.jobs.mine import main
     from raylib.jobs.ray_env import init_data_ray
     from raylib.tiny import save_tiny_encoder
 

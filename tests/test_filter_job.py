@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,11 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from jobs.filter import FilterConfig, run  # noqa: E402
-from raylib.config import load_config  # noqa: E402
-from raylib.filters import num_shards, pair_hash  # noqa: E402
+from raylib.jobs.filter import FilterConfig, run
+from raylib.config import load_config
+from raylib.filters import num_shards, pair_hash
 
 WORDS = "alpha beta gamma delta river mountain cloud engine protein galaxy music harbor".split()
 
@@ -86,7 +84,7 @@ def make_input(root: Path, seed: int = 0) -> tuple[Path, dict]:
 
 
 def _config(tmp_path: Path, data: Path, model: str, **extra) -> FilterConfig:
-    sets = [f"input={data}", f"output={tmp_path / 'kept'}", f"rejects={tmp_path / 'rejects'}",
+    sets = [f"input={data}", f"output={tmp_path}",
             f"model={model}", "shard_size=16", "top_k=4", "max_chars=300", "read_blocks=1",
             "batch_size=16", "query_max_tokens=32", "document_max_tokens=48",
             "heuristics.query_min_chars=3", "heuristics.document_min_chars=10"]
@@ -145,7 +143,7 @@ def test_filter_job_end_to_end(patient_ray, tiny_dir, tmp_path):
     total = (summary["rejected"] + sum(summary["dropped_by_heuristic"].values())
              + summary["dropped_by_consistency"] + summary["kept"])
     assert total == summary["input"]
-    assert json.loads((tmp_path / "kept" / "_summary.json").read_text())["kept"] == summary["kept"]
+    assert json.loads((tmp_path / "summary.json").read_text())["kept"] == summary["kept"]
     assert summary["shards"]["count"] == 4  # 24 and 20 pairs, shard_size 16 -> 2 + 2 shards
     assert all(v["rows"] >= 0 for v in summary["throughput"].values())
 
@@ -175,7 +173,7 @@ def test_unknown_config_key_is_an_error(tmp_path):
 
 
 def test_cli_rejects_unknown_key(tmp_path, capsys):
-    from jobs.filter import main
+    from raylib.jobs.filter import main
 
     with pytest.raises(SystemExit):
         main(["--config", str(ROOT / "jobs/configs/filter/debug.yaml"), "--set", "nope=1"])

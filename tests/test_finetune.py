@@ -14,8 +14,9 @@ import torch
 from raylib.losses.m3 import M3Weights
 from raylib.metrics import evaluate
 from raylib.model import Encoder
-from raylib.ray_train.finetune_objective import FinetuneObjective, select_groups
-from raylib.ray_train.loop import TrainSection, build_optimizer, training_step
+from raylib.objectives.finetune import FinetuneObjective, select_groups
+from raylib.ray_train.loop import build_optimizer, training_step
+from raylib.train_config import TrainSection
 from raylib.schedule import wsd_scheduler
 from raylib.scoring import hybrid_scores, score_encoded
 from raylib.tiny import _WORDS, tiny_encoder
@@ -177,13 +178,10 @@ def _write_mined(path, rows):
 def test_finetune_job_two_workers_cross_worker_m3_equals_one_batch(tmp_path, ray_session):
     """jobs/finetune.py on 2 Ray Train workers, M3 heads, cross-worker negatives for all heads: the
     first step's loss (mean over ranks) equals the single-process loss of the same 8 rows."""
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from jobs.finetune import main
-    from raylib.ray_train.finetune_objective import FinetuneJobConfig
     from raylib.config import load_config
+    from raylib.jobs.finetune import FinetuneJobConfig, main
 
     rows = _synthetic(24, 3)
     data = _write_mined(tmp_path / "mined.parquet", rows)
@@ -195,7 +193,7 @@ def test_finetune_job_two_workers_cross_worker_m3_equals_one_batch(tmp_path, ray
     assert (ckpt / "colbert_linear.pt").exists() and (ckpt / "sparse_linear.pt").exists()
     trained = Encoder.from_pretrained(ckpt, device="cpu")
     assert trained.has_sparse and trained.has_multivector
-    run = Path(summary["run_dir"])
+    run = Path(summary["output"])
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1 and {"loss_lex", "loss_mul", "self_distill_mul", "teacher_kl_lex"} <= set(first)
     ids = []
@@ -220,13 +218,8 @@ def test_finetune_job_two_workers_cross_worker_m3_equals_one_batch(tmp_path, ray
 
 
 def test_length_grouping_tags_sources_by_bucket(tmp_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from jobs.finetune import apply_length_grouping
     from raylib.config import load_config
-    from raylib.ray_train.finetune_objective import FinetuneJobConfig
+    from raylib.jobs.finetune import FinetuneJobConfig, apply_length_grouping
 
     rows = _synthetic(6, 4)
     rows["positive"][2] = " ".join(["cat"] * 40)  # one long group
@@ -245,7 +238,7 @@ def test_length_grouping_tags_sources_by_bucket(tmp_path):
 
 def test_m3_mode_gives_a_dense_checkpoint_fresh_heads(tiny_dir, tmp_path):
     from raylib.config import load_config
-    from raylib.ray_train.finetune_objective import FinetuneJobConfig
+    from raylib.jobs.finetune import FinetuneJobConfig
     from raylib.ray_train.loop import load_encoder
 
     dense_dir = Encoder.from_pretrained(tiny_dir)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from raylib.gradcache import RandContext, forward_backward, pad_features
-from raylib.ray_train.objective import ContrastiveObjective
+from raylib.objectives.contrastive import ContrastiveObjective
 from raylib.tiny import tiny_encoder
 
 ROWS = {"query": ["cat river", "dog house", "king war music", "red tree", "blue car", "water cell",

@@ -134,13 +134,12 @@ def test_ray_job_submit_filter(head_node, tiny_model, tmp_path):
     pairs = write_pairs(tmp_path / "in" / "pairs.parquet")
     summary = submit(url, env, [
         "jobs/filter.py", "--config", "jobs/configs/filter/debug.yaml", "--set", f"input={pairs}",
-        "--set", f"output={tmp_path}/kept", "--set", f"rejects={tmp_path}/rejects",
-        "--set", f"model={tiny_model}", "--set", "shard_size=20", "--set", "top_k=3"])
+        "--set", f"output={tmp_path}/filter", "--set", f"model={tiny_model}", "--set", "shard_size=20", "--set", "top_k=3"])
     assert summary["input"] == 40 and summary["shards"]["count"] == 2
     assert summary["rejected"] + sum(summary["dropped_by_heuristic"].values()) \
         + summary["dropped_by_consistency"] + summary["kept"] == 40
-    assert (tmp_path / "kept" / "_summary.json").exists()
-    assert not (tmp_path / "kept_scratch").exists()  # shard parts removed after success
+    assert json.loads((tmp_path / "filter" / "summary.json").read_text()) == summary
+    assert not (tmp_path / "filter" / "_scratch").exists()  # shard parts removed after success
 
 
 @pytest.mark.slow
@@ -152,11 +151,11 @@ def test_ray_job_submit_mine(head_node, tiny_model, tmp_path):
         "--set", f"teacher={tiny_model}", "--set", "candidates=10", "--set", "num_negatives=2",
         # a random tiny teacher scores every document alike, so TopK-PercPos would drop every
         # query (all above 0.95 x positive); the rank window always has 9 non-positives to sample
-        "--set", "strategy=rank_window", "--set", "range_max=10", "--set", f"output.path={tmp_path}/mined"])
+        "--set", "strategy=rank_window", "--set", "range_max=10", "--set", f"output={tmp_path}/mine"])
     counts = summary["counts"]
     assert counts["input"] == 40 and counts["adds_up"] and counts["kept"] == 40
     import pyarrow.parquet as pq
 
-    mined = pq.read_table(tmp_path / "mined").to_pylist()
+    mined = pq.read_table(tmp_path / "mine" / "mined").to_pylist()
     assert len(mined) == counts["kept"] and all(len(r["negatives"]) == 2 for r in mined)
     assert all(r["positive"] not in r["negatives"] for r in mined)

@@ -83,21 +83,20 @@ def _reference(model_dir, good, corpus, ratio, n_neg, k):
 
 
 def test_mine_job_pairs_sharded_matches_reference(patient_data_context, mean_dir, inputs, tmp_path, capsys):
-    import sys
     from pathlib import Path
 
+    from raylib.jobs.mine import main
+
     repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo))
-    from jobs.mine import main
 
     root, good, corpus = inputs
-    out = tmp_path / "mined"
+    out = tmp_path / "mine" / "mined"
     ratio, n_neg, k = 0.98, 4, 40
     summary = main(["--config", str(repo / "jobs/configs/mine/debug.yaml"),
                     "--set", f"teacher={mean_dir}", "--set", f"input.path={root / 'pairs.jsonl'}",
                     "--set", f"input.corpus={root / 'corpus.parquet'}", "--set", "max_docs_per_shard=40",
                     "--set", f"candidates={k}", "--set", f"num_negatives={n_neg}",
-                    "--set", f"max_pos_ratio={ratio}", "--set", f"output.path={out}",
+                    "--set", f"max_pos_ratio={ratio}", "--set", f"output={out.parent}",
                     "--set", "resources.mine_batch_size=16"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last)["counts"] == summary["counts"]
@@ -108,7 +107,7 @@ def test_mine_job_pairs_sharded_matches_reference(patient_data_context, mean_dir
     assert summary["corpus"]["shards"] == 5 and summary["corpus"]["duplicates"] == 1
     assert summary["corpus"]["docs"] == len(set([g["document"] for g in good] + corpus))
     assert summary["histograms"]["negative_score"]["count"] == c["kept"] * n_neg
-    assert json.loads(Path(summary["outputs"]["summary"]).read_text())["counts"] == c
+    assert json.loads((out.parent / "summary.json").read_text())["counts"] == c
 
     mined = pq.read_table(out).to_pylist()
     too_few = pq.read_table(summary["outputs"]["too_few"]).to_pylist()
@@ -133,12 +132,11 @@ def test_mine_job_pairs_sharded_matches_reference(patient_data_context, mean_dir
 @pytest.mark.slow
 def test_mine_job_beir_rank_window_curriculum_pad(patient_data_context, mean_dir, tmp_path):
     """BEIR input (qrels -> pairs, unknown ids rejected), M3's rank window, padding, margin order."""
-    import sys
     from pathlib import Path
 
+    from raylib.jobs.mine import main
+
     repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo))
-    from jobs.mine import main
 
     r = random.Random(1)
     beir = tmp_path / "beir"
@@ -151,12 +149,12 @@ def test_mine_job_beir_rank_window_curriculum_pad(patient_data_context, mean_dir
                                                 for k, v in queries.items()))
     qrels = [f"q{i}\td{i}\t1" for i in range(20)] + ["q0\td30\t1", "q1\tmissing\t1", "q2\td31\t0"]
     (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n")
-    out = tmp_path / "mined"
+    out = tmp_path / "mine" / "mined"
     args = ["--config", str(repo / "jobs/configs/mine/debug.yaml"), "--set", f"teacher={mean_dir}",
             "--set", "input.kind=beir", "--set", f"input.path={beir}", "--set", "input.split=train",
             "--set", "strategy=rank_window", "--set", "range_min=2", "--set", "range_max=7",
             "--set", "candidates=7", "--set", "num_negatives=5", "--set", "too_few=pad",
-            "--set", "order=margin", "--set", "seed=3", "--set", f"output.path={out}"]
+            "--set", "order=margin", "--set", "seed=3", "--set", f"output={out.parent}"]
     summary = main(args)
     c = summary["counts"]
     assert c["input"] == 23 and c["rejected_by_reason"] == {"not_positive:grade": 1, "unknown_document": 1}
@@ -172,7 +170,7 @@ def test_mine_job_beir_rank_window_curriculum_pad(patient_data_context, mean_dir
         if row["query_id"] == "q0":
             assert not {"d0", "d30"} & set(row["negative_ids"])
     # same seed, same negatives (per-row generators, independent of batching)
-    again = main(args[:-2] + ["--set", f"output.path={tmp_path / 'again'}"])
+    again = main(args[:-2] + ["--set", f"output={tmp_path / 'again'}"])
     assert again["counts"] == c
     key = lambda t: sorted((x["id"], tuple(x["negative_ids"])) for x in t)  # noqa: E731
-    assert key(pq.read_table(tmp_path / "again").to_pylist()) == key(rows)
+    assert key(pq.read_table(tmp_path / "again" / "mined").to_pylist()) == key(rows)

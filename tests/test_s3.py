@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from test_filter_job import make_input, patient_ray  # noqa: E402,F401  (data maker, fixture)
 
@@ -58,7 +56,7 @@ def test_filter_job_s3_round_trip(patient_ray, tiny_dir, tmp_path, s3_server):
     import boto3
     import pyarrow.dataset as pads
 
-    from jobs.filter import FilterConfig, run
+    from raylib.jobs.filter import FilterConfig, run
     from raylib.config import load_config
     from raylib.storage import filesystem_for, read_text
 
@@ -69,8 +67,7 @@ def test_filter_job_s3_round_trip(patient_ray, tiny_dir, tmp_path, s3_server):
         s3.upload_file(str(f), "curation", f"input/{f.name}")
 
     cfg = load_config(FilterConfig, ROOT / "jobs/configs/filter/debug.yaml", [
-        "input=s3://curation/input/", "output=s3://curation/out/kept",
-        "rejects=s3://curation/out/rejects", f"model={tiny_dir}", "shard_size=100",
+        "input=s3://curation/input/", "output=s3://curation/out", f"model={tiny_dir}", "shard_size=100",
         "top_k=3", "max_chars=300", "read_blocks=1", "consistency=false"])
     summary = run(cfg)
 
@@ -83,7 +80,7 @@ def test_filter_job_s3_round_trip(patient_ray, tiny_dir, tmp_path, s3_server):
     rejects = pads.dataset(filesystem_for("s3://curation/out/rejects")[1], filesystem=fs,
                            format="parquet").to_table()
     assert rejects.num_rows == summary["rejected"]
-    assert json.loads(read_text("s3://curation/out/kept/_summary.json"))["kept"] == summary["kept"]
+    assert json.loads(read_text("s3://curation/out/summary.json"))["kept"] == summary["kept"]
 
 
 def test_pretrain_checkpoints_to_s3(ray_session, tmp_path, s3_server):
@@ -91,9 +88,9 @@ def test_pretrain_checkpoints_to_s3(ray_session, tmp_path, s3_server):
     import boto3
     import pyarrow.fs as pafs
 
-    from jobs.pretrain import main
+    from raylib.jobs.pretrain import main
     from raylib.model import Encoder
-    from raylib.storage import filesystem_for
+    from raylib.storage import filesystem_for, read_text
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="train")
     summary = main(["--config", str(ROOT / "jobs/configs/pretrain/debug.yaml"),
@@ -102,6 +99,8 @@ def test_pretrain_checkpoints_to_s3(ray_session, tmp_path, s3_server):
                     "--set", "checkpoint.storage_path=s3://train/runs", "--set", f"checkpoint.local_dir={tmp_path}",
                     "--set", "checkpoint.every_steps=2"])
     assert summary["checkpoint"].startswith("s3://train/runs/debug/")
+    assert json.loads(read_text("s3://train/runs/debug/summary.json"))["checkpoint"] == summary["checkpoint"]
+    assert read_text("s3://train/runs/debug/metrics.jsonl").count("\n") == summary["plan"]["total_steps"]
     fs, path = filesystem_for(summary["checkpoint"])
     names = {info.base_name for info in fs.get_file_info(pafs.FileSelector(path))}
     assert {"config.json", "raylib_settings.json", "train_state.pt"} <= names, names
