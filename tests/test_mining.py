@@ -298,3 +298,19 @@ def test_keyed_index_gpu_request_falls_back_on_cpu_when_no_gpu():
     s.finalize()
     scores, keys = s.search(np.eye(3, dtype=np.float32), 2)
     assert keys[0, 0] == 3 and keys[1, 0] == 1 and scores[0, 0] == 1.0
+
+
+def test_mine_job_plans_shards_from_its_index_budget():
+    from raylib.jobs.mine import MineJobConfig
+    from raylib.ray_data.mining import index_budget, shard_plan
+
+    cfg = MineJobConfig()
+    assert index_budget(cfg) == M.IndexBudget()  # no budget given: the count-based plan
+    assert shard_plan(cfg, 2_500_000, 384).num_shards == M.num_shards(2_500_000, cfg.max_docs_per_shard)
+    cfg.index = {"memory_bytes": 80 * GB, "dtype": "fp16"}  # the `index:` section of mine/h100.yaml
+    cfg.max_docs_per_shard = None
+    cfg.resources.shard_num_gpus, cfg.resources.mine_batch_size = 1, 4096
+    plan = shard_plan(cfg, 20_000_000, 1024)
+    assert plan.num_shards == 1 and plan.bytes_per_doc == 2048
+    cfg.index = M.IndexBudget(memory_bytes=80 * GB, dtype="fp32")
+    assert shard_plan(cfg, 20_000_000, 1024).num_shards == 2
