@@ -1,0 +1,222 @@
+"""Serve fuzz test (issue 18): seeded, generated malformed requests interleaved with valid ones
+from concurrent clients. Every malformed request is a 4xx, nothing is a 5xx, every valid request
+is 200 with the vectors the in-process encoder gives. A second (slow) test kills an Encoder
+replica under load: callers see 200 or 503 + Retry-After, never a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+WORDS = "alpha beta gamma delta retrieval ray protein cell gene the of and query document".split()
+N_VALID, N_BAD, CLIENTS = 160, 160, 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(ray_session, tiny_dir):
+    from ray import serve
+
+    from serve.app import app
+
+    port = _free_port()
+    for attempt in range(3):
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            break
+        except Exception:  # noqa: BLE001 - retried, then re-raised
+            serve.shutdown()
+            if attempt == 2:
+                raise
+    serve.run(app({"model": str(tiny_dir), "served_model_name": "tiny", "num_cpus": 0.25,
+                   "max_batch_size": 16, "max_inputs_per_request": 8,
+                   "max_chars_per_input": 300, "num_replicas": 2, "max_queued_requests": -1}),
+              name="fuzz", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.delete("fuzz")
+    serve.shutdown()
+
+
+def _text(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30)))
+
+
+def valid_request(rng: random.Random) -> tuple[str, dict]:
+    """A well-formed request of a random route and shape."""
+    texts = [_text(rng) for _ in range(rng.randint(1, 4))]
+    route = rng.choice(["/v1/embeddings", "/v1/embeddings", "/encode", "/rerank"])
+    if route == "/v1/embeddings":
+        body = {"input": texts if rng.random() < 0.7 else texts[0], "model": "tiny",
+                "encoding_format": rng.choice(["float", "base64"])}
+        if rng.random() < 0.3:
+            body["dimensions"] = rng.randint(1, 32)
+        return route, body
+    if route == "/encode":
+        return route, {"texts": texts, "kind": rng.choice(["query", "document"]),
+                       "sparse": rng.random() < 0.5, "multivector": rng.random() < 0.5,
+                       "quantization": rng.choice([None, "int8", "binary"])}
+    return route, {"query": _text(rng), "documents": texts, "top_n": rng.randint(1, 5),
+                   "weights": [rng.uniform(0, 1e6), rng.uniform(0, 2), rng.uniform(0.1, 1)]}
+
+
+BAD_NUMBERS = ["Infinity", "-Infinity", "NaN", "1e39", "-1e39", "1e400", "1e308",
+               "100000000000000000000000000000", "\"abc\"", "[]", "{}"]
+BAD_TEXTS = ['"\\ud800"', '"x \\udfff y"', '"\\ud83d"', '""', '"   "', "5", "null", "[1, 2]",
+             "{}", '"' + "w " * 400 + '"', "true"]
+
+
+def malformed_request(rng: random.Random) -> tuple[str, bytes]:
+    """A request that must be rejected: broken JSON, bad text, bad number, bad shape."""
+    num, text = rng.choice(BAD_NUMBERS), rng.choice(BAD_TEXTS)
+    options = [
+        ("/v1/embeddings", f'{{"input": [{text}]}}'),
+        ("/v1/embeddings", f'{{"input": ["ok", {text}], "model": "tiny"}}'),
+        ("/v1/embeddings", f'{{"input": "ok", "dimensions": {num}}}'),
+        ("/v1/embeddings", f'{{"input": {json.dumps(["w"] * 9)}}}'),
+        ("/v1/embeddings", '{"input": "ok", "encoding_format": "int4"}'),
+        ("/v1/embeddings", '{"input": "ok", "model": "other\\ud800"}'),
+        ("/encode", f'{{"texts": [{text}], "sparse": true, "multivector": true}}'),
+        ("/encode", f'{{"texts": ["ok"], "quantization": "int8", "int8_range": [{num}, 1]}}'),
+        ("/encode", f'{{"texts": ["ok"], "quantization": "int8", "int8_range": [-1, {num}]}}'),
+        ("/encode", '{"texts": ["ok"], "quantization": "int8", "int8_range": [1, -1]}'),
+        ("/encode", '{"texts": ["ok"], "kind": "passage"}'),
+        ("/rerank", f'{{"query": {text}, "documents": ["a"]}}'),
+        ("/rerank", f'{{"query": "q", "documents": ["a", {text}]}}'),
+        ("/rerank", f'{{"query": "q", "documents": ["a"], "weights": [{num}, 1, 1]}}'),
+        ("/rerank", f'{{"query": "q", "documents": ["a"], "weights": {{"sparse": {num}}}}}'),
+        ("/rerank", f'{{"query": "q", "documents": ["a"], "top_n": {num}}}'),
+    ]
+    route, raw = rng.choice(options)
+    data = raw.encode()
+    cut = rng.random()
+    if cut < 0.1:  # truncated JSON
+        data = data[:rng.randint(0, len(data) - 1)]
+    elif cut < 0.15:  # bytes that are not UTF-8
+        data = data[:5] + b"\xff\xfe\x80" + data[5:]
+    return route, data
+
+
+def test_fuzz_malformed_and_valid_from_concurrent_clients(fuzz_server, tiny_dir):
+    from raylib.model import Encoder
+
+    rng = random.Random(17)
+    jobs = [("ok", *valid_request(rng)) for _ in range(N_VALID)]
+    jobs += [("bad", *malformed_request(rng)) for _ in range(N_BAD)]
+    rng.shuffle(jobs)
+    ref = Encoder.from_pretrained(tiny_dir, device="cpu")
+
+    async def run() -> list[tuple]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for job in jobs:
+            queue.put_nowait(job)
+        done: list[tuple] = []
+        async with httpx.AsyncClient(base_url=fuzz_server, timeout=120,
+                                     limits=httpx.Limits(max_connections=CLIENTS)) as ac:
+            async def worker():
+                while not queue.empty():
+                    kind, route, body = queue.get_nowait()
+                    if kind == "ok":
+                        r = await ac.post(route, json=body)
+                    else:
+                        r = await ac.post(route, content=body,
+                                          headers={"Content-Type": "application/json"})
+                    done.append((kind, route, body, r.status_code, r.content))
+            await asyncio.wait_for(asyncio.gather(*[worker() for _ in range(CLIENTS)]), 600)
+        return done
+
+    done = asyncio.run(run())
+    assert len(done) == N_VALID + N_BAD
+    server_errors = [(route, body, status, content[:200]) for kind, route, body, status, content
+                     in done if status >= 500]
+    assert not server_errors, server_errors[:5]
+    for kind, route, body, status, content in done:
+        payload = json.loads(content)  # every answer is JSON (strict: no NaN/Infinity)
+        if kind == "ok":
+            assert status == 200, (route, body, content[:300])
+            _check_valid(route, body, payload, ref)
+        else:
+            assert 400 <= status < 500, (route, body, status)
+            assert set(payload["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(fuzz_server + "/v1/embeddings", json={"input": "still alive"}, timeout=60)
+    assert r.status_code == 200
+
+
+def _check_valid(route: str, body: dict, payload: dict, ref) -> None:
+    """Valid answers equal the in-process encoder: no batch neighbour changed them."""
+    import base64
+
+    if route == "/v1/embeddings":
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        want = ref.encode(texts, kind="document", dim=body.get("dimensions"))["dense"]
+        for item in payload["data"]:
+            emb = item["embedding"]
+            got = (np.frombuffer(base64.b64decode(emb), "<f4") if isinstance(emb, str)
+                   else np.asarray(emb, np.float32))
+            np.testing.assert_allclose(got, want[item["index"]], atol=1e-5)
+    elif route == "/encode" and body["quantization"] is None:
+        want = ref.encode(body["texts"], kind=body["kind"])["dense"]
+        np.testing.assert_allclose([row["dense"] for row in payload["data"]], want, atol=1e-5)
+    elif route == "/rerank":
+        scores = [x["relevance_score"] for x in payload["results"]]
+        assert scores == sorted(scores, reverse=True) and np.isfinite(scores).all()
+
+
+@pytest.mark.slow
+def test_replica_killed_under_load_gives_200_or_503_never_500(fuzz_server):
+    """Kill one of the two Encoder replicas while 16 clients send valid requests: in-flight calls
+    are re-sent to the survivor (or answered 503 + Retry-After), and the app keeps answering."""
+    import ray
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "fuzz" in a["name"] and "#Encoder#" in a["name"]]
+    assert len(replicas) == 2, replicas
+    rng = random.Random(5)
+    bodies = [{"input": [_text(rng) for _ in range(3)]} for _ in range(600)]
+    killed_at: list[float] = []
+
+    def kill_soon():
+        time.sleep(2)
+        victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+        ray.kill(victim, no_restart=True)
+        killed_at.append(time.perf_counter())
+
+    async def run() -> list[tuple[int, str | None]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        for b in bodies:
+            queue.put_nowait(b)
+        out: list[tuple[int, str | None]] = []
+        async with httpx.AsyncClient(base_url=fuzz_server, timeout=120,
+                                     limits=httpx.Limits(max_connections=CLIENTS)) as ac:
+            async def worker():
+                while not queue.empty():
+                    r = await ac.post("/v1/embeddings", json=queue.get_nowait())
+                    out.append((r.status_code, r.headers.get("Retry-After")))
+            await asyncio.wait_for(asyncio.gather(*[worker() for _ in range(CLIENTS)]), 600)
+        return out
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    out = asyncio.run(run())
+    ended_at = time.perf_counter()
+    killer.join()
+    assert killed_at and killed_at[0] < ended_at - 1, "the load ended before the kill"
+    codes = [c for c, _ in out]
+    assert set(codes) <= {200, 503}, sorted(set(codes))
+    assert all(ra for c, ra in out if c == 503)
+    assert codes.count(200) >= 0.9 * len(codes), (codes.count(200), codes.count(503))
+    print(f"replica kill: {codes.count(200)} x 200, {codes.count(503)} x 503, load went on "
+          f"{ended_at - killed_at[0]:.1f} s after the kill")
