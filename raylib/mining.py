@@ -281,11 +281,15 @@ class KeyedIndex:
     def _search_fp16(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """fp16 candidates re-scored in fp32: rows whose k-th exact score does not clear the
         fp16 error bound above the last candidate are searched again wider, then exactly."""
-        limit = min(len(self.keys), 2048 if self.on_gpu else len(self.keys))  # FAISS GPU k cap
+        from raylib.search import GPU_MAX_K
+
+        limit = min(len(self.keys), GPU_MAX_K if self.on_gpu else len(self.keys))
         scores = np.empty((len(queries), k), np.float32)
         pos = np.empty((len(queries), k), np.int64)
         todo = np.arange(len(queries))
         wide = min(limit, max(k, int(np.ceil(k * self.oversample))))
+        if wide < k:  # more candidates than a GPU search returns: exact scan of the host copy
+            return self._search_exact_host(queries, k)
         while len(todo):
             approx, cand = self.index.search(queries[todo], wide)
             s, p, ok = self._rescore(queries[todo], approx, cand, k, exhaustive=wide >= len(self.keys))

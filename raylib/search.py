@@ -11,6 +11,7 @@ import numpy as np
 
 INDEX_DTYPES = ("fp32", "fp16")
 GPU_ADD_CHUNK = 262_144  # rows per GPU add: an fp16 add stages its rows in fp32 on the device
+GPU_MAX_K = 1024  # FAISS GPU k-selection limit (2048 in recent builds; 1024 is safe for all)
 
 
 def gpu_available() -> bool:
@@ -33,7 +34,9 @@ def gpu_flat_index(dim: int, dtype: str = "fp32", device: int = 0, reserve: int 
     cfg = faiss.GpuIndexFlatConfig()
     cfg.device = device
     cfg.useFloat16 = dtype == "fp16"
-    index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), dim, cfg)
+    res = faiss.StandardGpuResources()
+    index = faiss.GpuIndexFlatIP(res, dim, cfg)
+    index.referenced_objects = [res]  # the resources must outlive the index
     if reserve and hasattr(index, "reserveMemory"):
         index.reserveMemory(reserve)
     return index
