@@ -22,7 +22,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Pairs (Parquet or JSONL; local or s3://), batched per source (x language), seeded order."""
+    """Pairs (Parquet or JSONL; local or s3://), prepared once into pre-tokenized per-source shards
+    (raylib.jobs.prepare), batched per source (x language, x length bucket), seeded order."""
 
     paths: list[str] = field(default_factory=list)
     format: str = "parquet"
@@ -30,6 +31,11 @@ class DataSection:
     source_batch_sizes: dict = field(default_factory=dict)  # {source key or ending: global batch size}
     epochs: int = 1
     seed: int = 0
+    prepared: str = ""          # prepared data (manifest dir); empty: <run output>/prepared from paths
+    length_bounds: list[int] = field(default_factory=list)  # M3 §3.4 length buckets (token bounds)
+    row_group_rows: int = 1024  # prepared shards' row group (about one worker's rows of a step)
+    partition_mib: int = 256    # input MiB per key range of the prepare stage (write task memory)
+    prefetch: int = 2           # steps each worker reads ahead in a background thread
 
 
 @dataclass

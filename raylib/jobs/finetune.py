@@ -36,32 +36,18 @@ class FinetuneJobConfig(TrainJobConfig):
 
 
 def apply_length_grouping(cfg: FinetuneJobConfig) -> dict:
-    """Tag every row's source with its length bucket (M3 §3.4) and point data.paths at the tagged
-    copy (<run dir>/length_grouped.parquet). Reads the (finetuning-sized) input on the driver."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """M3 §3.4 length grouping through the prepare stage (raylib.jobs.prepare, a Ray Data job): each
+    row's source is tagged with its length bucket there (the longest of its positive and first
+    num_negatives negatives, in tokens), and each bucket gets its own global batch size. Points
+    data.prepared at the result (local or s3://, no file only the driver can see)."""
+    from raylib.jobs.prepare import prepare_for_training
 
-    from raylib.batching import bucket_sources
-    from raylib.objectives.finetune import group_lengths
-    from raylib.ray_train.loop import load_encoder, run_dir
-
-    if cfg.data.format != "parquet":
-        raise ValueError("length_grouping needs data.format: parquet (the mining job's output)")
-    table = pa.concat_tables([pq.read_table(p) for p in cfg.data.paths])
-    rows = table.to_pydict()
-    encoder = load_encoder(cfg.model, cfg.train.seed)
-    lengths = group_lengths(encoder, rows, cfg.objective.num_negatives, cfg.objective.document_max_length)
-    sources = bucket_sources([str(s) for s in rows["source"]], lengths, cfg.length_grouping.bounds)
-    table = table.set_column(table.column_names.index("source"), "source", pa.array(sources))
-    out = run_dir(cfg) / "length_grouped.parquet"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
-    cfg.data.paths = [str(out)]
+    cfg.data.length_bounds = list(cfg.length_grouping.bounds)
     cfg.data.source_batch_sizes = {**cfg.data.source_batch_sizes, **cfg.length_grouping.source_batch_sizes()}
-    counts: dict[str, int] = {}
-    for s in sources:
-        counts[s] = counts.get(s, 0) + 1
-    return {"path": str(out), "rows_per_source_bucket": counts,
+    prepared = prepare_for_training(cfg, cfg.objective)
+    cfg.data.prepared = prepared["location"]
+    return {"path": prepared["location"], "rows_per_source_bucket": {s: v["rows"] for s, v in
+                                                                     prepared["sources"].items()},
             "batch_sizes": cfg.data.source_batch_sizes}
 
 

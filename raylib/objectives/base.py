@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from raylib.model import Encoder
+from raylib.model import Encoder, pad_ids
 
 Features = dict[str, dict[str, torch.Tensor]]  # {side: {"input_ids": [b, L], "attention_mask": [b, L]}}
 Reps = dict[str, dict[str, torch.Tensor]]      # {side: {"dense": [b, H], ...}}
@@ -28,7 +28,9 @@ class Objective(Protocol):
       worker's share of one global batch, {column: list} (every column of the Parquet input, incl.
       `source`, `language`). Returns {side: {"input_ids": [n_side, L], "attention_mask": [n_side, L]}};
       the rows of a side may be more than the batch rows (finetune: 1 positive + n negatives per query
-      flattened). Each side is padded to one length (tokenize the whole side at once).
+      flattened). Each side is padded to one length (tokenize the whole side at once). Rows of
+      prepared data (raylib.jobs.prepare) carry token ids instead (`<column>_ids`): both paths pad
+      through `pad_tokens`, so the same rows give the same features either way.
     - `embed(model, side, features)`: `model` is callable like Encoder.forward (it may be the DDP
       wrapper: call it, don't call its methods). `features` is a row chunk of one side (gradient
       caching calls it on chunks, twice: once without grad, once with grad and the same RNG state).
@@ -46,3 +48,20 @@ class Objective(Protocol):
     def embed(self, model: Any, side: str, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
     def loss(self, reps: Reps, features: Features, rows: dict[str, list]) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+def pad_tokens(model: Encoder, ids: list) -> dict[str, torch.Tensor]:
+    """Unpadded token id rows -> one side's padded features (the model's pad id and side): the one
+    padding step of both the tokenize-then-pad and the pre-tokenized paths."""
+    input_ids, mask = pad_ids(ids, model.tokenizer.pad_token_id, model.tokenizer.padding_side)
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def side_ids(model: Encoder, rows: dict[str, list], column: str, kind: str, max_length: int) -> list:
+    """A side's token id rows: the prepared `<column>_ids`, else the texts of `column` tokenized
+    (prefix, truncation to max_length) without padding."""
+    if f"{column}_ids" in rows:
+        return list(rows[f"{column}_ids"])
+    if column not in rows:
+        raise ValueError(f"rows need a {column!r} (or {column + '_ids'!r}) column; got {sorted(rows)}")
+    return model.tokenize(list(rows[column]), kind, max_length, padding=False)["input_ids"]

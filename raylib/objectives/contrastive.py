@@ -12,7 +12,7 @@ from raylib.losses.gather import all_gather_offset, all_gather_with_grad
 from raylib.losses.infonce import info_nce
 from raylib.losses.matryoshka import matryoshka_loss
 from raylib.model import Encoder
-from raylib.objectives.base import Features, Reps
+from raylib.objectives.base import Features, Reps, pad_tokens, side_ids
 
 
 @dataclass
@@ -40,12 +40,11 @@ class ContrastiveObjective:
                              f"{len(self.matryoshka_weights)} matryoshka_weights")
 
     def features(self, model: Encoder, rows: dict[str, list]) -> Features:
-        """Tokenize queries (query prefix, query_max_length) and documents (document_max_length)."""
-        for column in ("query", "document"):
-            if column not in rows:
-                raise ValueError(f"contrastive pretraining needs a {column!r} column; got {sorted(rows)}")
-        return {"query": model.tokenize(list(rows["query"]), "query", self.query_max_length),
-                "document": model.tokenize(list(rows["document"]), "document", self.document_max_length)}
+        """Queries (query prefix, query_max_length) and documents (document_max_length): token ids of
+        prepared rows or tokenized texts, each side padded by pad_tokens."""
+        return {"query": pad_tokens(model, side_ids(model, rows, "query", "query", self.query_max_length)),
+                "document": pad_tokens(model, side_ids(model, rows, "document", "document",
+                                                       self.document_max_length))}
 
     def embed(self, model: Any, side: str, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Dense embeddings [b, H] of one chunk of one side."""

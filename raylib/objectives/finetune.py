@@ -26,6 +26,7 @@ from raylib.losses.hard_negative import group_targets, hard_negative_infonce, ow
 from raylib.losses.m3 import M3Weights, m3_head_scores, m3_self_distill_loss
 from raylib.losses.matryoshka import matryoshka_loss
 from raylib.model import Encoder
+from raylib.objectives.base import pad_tokens, side_ids
 
 NEGATIVE_MODES = ("hard", "in_batch", "cross_worker")
 REQUIRED = ("query", "positive", "negatives")
@@ -33,9 +34,10 @@ REQUIRED = ("query", "positive", "negatives")
 
 @dataclass
 class Groups:
-    """One batch's groups: documents flattened row-major [B*G], the positive first in each."""
+    """One batch's groups: documents flattened row-major [B*G], the positive first in each (texts,
+    or token id rows for prepared rows)."""
 
-    documents: list[str]
+    documents: list
     teacher: torch.Tensor   # [B, G] stored teacher scores (nan where unknown)
     mined: torch.Tensor     # [B, G] bool: True for the positive and mined negatives
     filled: int             # negatives borrowed from other rows (a row had fewer than n)
@@ -44,7 +46,11 @@ class Groups:
 def select_groups(rows: dict[str, list], num_negatives: int) -> Groups:
     """Each row's positive and its first `num_negatives` mined negatives (the mining job already
     orders them: random by default). A row with fewer negatives is filled with other rows'
-    positives (random in-batch negatives), which have no teacher score. Deterministic."""
+    positives (random in-batch negatives), which have no teacher score. Deterministic. Prepared
+    rows (query_ids, positive_ids, negatives_ids) give the same groups of token id rows."""
+    if "positive_ids" in rows:
+        rows = {**rows, "query": rows["query_ids"], "positive": rows["positive_ids"],
+                "negatives": rows["negatives_ids"]}
     missing = [c for c in REQUIRED if c not in rows]
     if missing:
         raise ValueError(f"finetuning rows need columns {list(REQUIRED)}; missing {missing} "
@@ -130,10 +136,14 @@ class FinetuneObjective:
 
     # ------------------------------------------------------------------ protocol
     def features(self, model: Encoder, rows: dict[str, list]) -> dict[str, dict[str, torch.Tensor]]:
-        """Queries (query prefix) and the flattened groups (document prefix), each side padded once."""
+        """Queries (query prefix) and the flattened groups (document prefix), each side padded once
+        by pad_tokens (prepared rows: their token ids; text rows: tokenized here)."""
         groups = select_groups(rows, self.num_negatives)
-        return {"query": model.tokenize(list(rows["query"]), "query", self.query_max_length),
-                "document": model.tokenize(groups.documents, "document", self.document_max_length)}
+        docs = groups.documents
+        if "positive_ids" not in rows:
+            docs = model.tokenize(docs, "document", self.document_max_length, padding=False)["input_ids"]
+        return {"query": pad_tokens(model, side_ids(model, rows, "query", "query", self.query_max_length)),
+                "document": pad_tokens(model, docs)}
 
     def embed(self, model: Any, side: str, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Dense [b, H]; in M3 mode also sparse token weights [b, L], multi-vectors [b, L-1, H'],

@@ -1,56 +1,55 @@
-"""Training batches from Parquet (or JSONL) pairs read with Ray Data, fed to the Train workers.
+"""Training batches from prepared, pre-tokenized shards (raylib.jobs.prepare), read by each Train
+worker itself.
 
 Arctic-Embed 2.0 App. C: every global batch comes from one source; for multilingual sources each
-(source x language) subset is its own source. The plan is a pure function of (rows, seed):
+(source x language) subset is its own source (M3 §3.4: and each length bucket). The plan is a pure
+function of (manifest, seed, epoch, step, rank):
 
-- per source, rows are put in content-hash order (independent of files and block layout), then
-  permuted with rng(seed, epoch, source) and cut into full global batches (the remainder of each
-  source is dropped and counted);
+- the prepare stage puts each source's rows in a seeded content-key order (independent of files
+  and blocks); epoch e cuts that order, rotated by an offset drawn from rng(seed, epoch, source),
+  into full global batches (the remainder of each source is dropped and counted);
 - per epoch, all batches of all sources are shuffled with rng(seed, epoch): the next batch's source
   is thereby drawn in proportion to the source's (remaining) size, and every kept row is used once;
 - global step = epoch * steps_per_epoch + position; rows rank*b .. (rank+1)*b-1 go to worker `rank`.
 
-The data position of a checkpoint is just the next step: a restarted run computes the same plan and
-resumes at the exact next batch. The driver reads the pairs with Ray Data and puts one Arrow table per
-source in the object store; each worker takes its rows of each step from there.
+A batch is thus a contiguous run (at most two, where the rotation wraps) of its source's shards:
+a worker reads only its own rows of a step (one or two row groups) straight from storage, a
+background thread keeps `prefetch` steps ready, and memory is bounded by prefetch x batch, not by
+the data set. The data position of a checkpoint is just the next step: a restarted run computes
+the same plan and resumes at the exact next batch. `split_sources` + `iter_steps` are the same plan
+over in-memory tables (tests and the plain-Python reference).
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+import queue
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raylib.ray_data.prepare import row_keys, source_key
+from raylib.storage import filesystem_for, join, read_text
 
 
-def source_key(source, language) -> str:
-    """The batch source name: `source` or `source/language`."""
-    return f"{source}/{language}" if language not in (None, "") else str(source)
-
-
-def _row_hashes(table: pa.Table) -> np.ndarray:
-    """A content hash per row (of the `id` column when there is one) for a layout-independent order."""
-    if "id" in table.column_names:
-        texts = [str(v) for v in table.column("id").to_pylist()]
-    else:
-        data = {c: table.column(c).to_pylist() for c in table.column_names}
-        texts = ["\x1f".join(repr(data[c][i]) for c in table.column_names) for i in range(table.num_rows)]
-    return np.array([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "big") >> 1
-                     for t in texts], dtype=np.int64)
-
-
-def split_sources(table: pa.Table) -> dict[str, pa.Table]:
-    """{source key: its rows in content-hash order}; needs a `source` column (`language` optional)."""
+def split_sources(table: pa.Table, seed: int = 0) -> dict[str, pa.Table]:
+    """{source key: its rows in seeded content-key order}, in memory: the prepare stage's order
+    (same keys, raylib.ray_data.prepare.row_keys) for tests and references; needs `source`."""
     if "source" not in table.column_names:
         raise ValueError(f"training data needs a 'source' column (batches are drawn per source); "
                          f"got {table.column_names}")
     sources = table.column("source").to_pylist()
     languages = table.column("language").to_pylist() if "language" in table.column_names else [None] * len(sources)
     keys = np.array([source_key(s, lang) for s, lang in zip(sources, languages)], dtype=object)
-    hashes = _row_hashes(table)
+    columns = {c: table.column(c).to_pylist() for c in table.column_names}
+    hashes = row_keys(columns, table.num_rows, seed)
     out = {}
     for key in sorted(set(keys.tolist())):
         idx = np.flatnonzero(keys == key)
@@ -112,15 +111,15 @@ class BatchPlan:
         return _batch_order(tuple(self.source_batches.items()), self.seed, epoch)
 
     def rows_of(self, step: int, rank: int | None = None) -> tuple[str, np.ndarray]:
-        """(source, row indices into that source's table) of a step, all or one worker's part."""
+        """(source, row positions in that source's prepared order) of a step, all or one worker's
+        part: a contiguous run modulo the source's rows."""
         if not 0 <= step < self.total_steps:
             raise ValueError(f"step {step} outside 0..{self.total_steps - 1}")
         epoch, pos = divmod(step, self.steps_per_epoch)
         source, batch = self.batch_order(epoch)[pos]
         keys = [s for s, _ in self.source_rows]
-        size = self.sizes[source]
-        perm = _permutation(dict(self.source_rows)[source], self.seed, epoch, keys.index(source))
-        rows = perm[batch * size:(batch + 1) * size]
+        size, n = self.sizes[source], dict(self.source_rows)[source]
+        rows = (_offset(n, self.seed, epoch, keys.index(source)) + batch * size + np.arange(size)) % n
         if rank is not None:
             b = size // self.num_workers
             rows = rows[rank * b:(rank + 1) * b]
@@ -140,9 +139,10 @@ def _batch_order(source_batches: tuple[tuple[str, int], ...], seed: int, epoch: 
     return [items[i] for i in perm]
 
 
-@lru_cache(maxsize=64)
-def _permutation(n: int, seed: int, epoch: int, source_index: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, 1000 + source_index]).permutation(n)
+@lru_cache(maxsize=256)
+def _offset(n: int, seed: int, epoch: int, source_index: int) -> int:
+    """Where epoch `epoch` starts cutting a source of n rows (a seeded rotation of its order)."""
+    return int(np.random.default_rng([seed, epoch, 1000 + source_index]).integers(n))
 
 
 def resolve_batch_sizes(sources: list[str], patterns: dict[str, int]) -> dict[str, int]:
@@ -158,35 +158,16 @@ def resolve_batch_sizes(sources: list[str], patterns: dict[str, int]) -> dict[st
     return out
 
 
-def make_plan(tables: dict[str, pa.Table], global_batch: int, num_workers: int, seed: int, epochs: int,
+def make_plan(tables: dict[str, pa.Table | int], global_batch: int, num_workers: int, seed: int, epochs: int,
               max_steps: int = 0, batch_sizes: dict[str, int] | None = None) -> BatchPlan:
-    """The plan for {source: table} (as split_sources returns); `batch_sizes` maps source keys or
-    key endings to their own global batch size (M3 §3.4: larger batches for shorter texts)."""
+    """The plan for {source: table or row count} (split_sources' tables or a manifest's counts);
+    `batch_sizes` maps source keys or key endings to their own global batch size (M3 §3.4: larger
+    batches for shorter texts)."""
     sources = sorted(tables)
+    rows = {s: t if isinstance(t, (int, np.integer)) else t.num_rows for s, t in tables.items()}
     sizes = resolve_batch_sizes(sources, batch_sizes or {})
-    return BatchPlan(tuple((s, tables[s].num_rows) for s in sources), global_batch, num_workers,
+    return BatchPlan(tuple((s, int(rows[s])) for s in sources), global_batch, num_workers,
                      seed, epochs, max_steps, tuple(sorted(sizes.items())))
-
-
-def read_pairs(paths: list[str], fmt: str = "parquet") -> pa.Table:
-    """All pair rows of Parquet or JSONL files/dirs (local or s3://), read with Ray Data."""
-    import ray.data
-
-    if not paths:
-        raise ValueError("data.paths is empty")
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(paths)
-    elif fmt == "json":
-        ds = ray.data.read_json(paths)
-    else:
-        raise ValueError(f"data.format must be parquet or json, got {fmt!r}")
-    # a plain read cannot deadlock; on a loaded host its first task may just take minutes to start
-    if 0 < ds.context.execution_no_progress_timeout_s < 600:
-        ds.context.execution_no_progress_timeout_s = 600
-    blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-    if not blocks:
-        raise ValueError(f"no rows in {paths}")
-    return pa.concat_tables(blocks, promote_options="default")
 
 
 def iter_steps(plan: BatchPlan, tables: dict[str, pa.Table], start_step: int,
@@ -198,10 +179,134 @@ def iter_steps(plan: BatchPlan, tables: dict[str, pa.Table], start_step: int,
         yield step, {c: part.column(c).to_pylist() for c in part.column_names}
 
 
-def synthetic_pairs(n: int, sources: dict[str, float] | None = None, seed: int = 0) -> pa.Table:
+def runs_of(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Row positions -> [(start, stop)] runs of consecutive positions, in order."""
+    if len(rows) == 0:
+        return []
+    cut = np.flatnonzero(np.diff(rows) != 1) + 1
+    return [(int(p[0]), int(p[-1]) + 1) for p in np.split(rows, cut)]
+
+
+class PreparedData:
+    """A prepared data set (manifest + shards, local or s3://): reads any run of a source's rows by
+    row groups, so a worker fetches only its own rows of a step. Opened files are kept (LRU)."""
+
+    def __init__(self, manifest: dict, root: str, open_files: int = 16):
+        self.manifest, self.root = manifest, root
+        self.row_group_rows = int(manifest["row_group_rows"])
+        self.columns = list(manifest["columns"])
+        self._files = {s: v["files"] for s, v in manifest["sources"].items()}
+        self._starts = {s: np.cumsum([0] + [f["rows"] for f in files]) for s, files in self._files.items()}
+        self._open: OrderedDict[str, pq.ParquetFile] = OrderedDict()
+        self._max_open = open_files
+
+    @classmethod
+    def open(cls, root: str) -> "PreparedData":
+        """Read `<root>/manifest.json` (no rows)."""
+        return cls(json.loads(read_text(join(root, "manifest.json"))), root)
+
+    @property
+    def source_rows(self) -> dict[str, int]:
+        return {s: int(v["rows"]) for s, v in self.manifest["sources"].items()}
+
+    def _file(self, path: str) -> pq.ParquetFile:
+        if path not in self._open:
+            fs, inner = filesystem_for(join(self.root, path))
+            self._open[path] = pq.ParquetFile(fs.open_input_file(inner))
+            if len(self._open) > self._max_open:
+                self._open.popitem(last=False)
+        self._open.move_to_end(path)
+        return self._open[path]
+
+    def read_run(self, source: str, start: int, stop: int) -> pa.Table:
+        """Rows start..stop-1 of a source, reading only the row groups that hold them."""
+        starts, files, r = self._starts[source], self._files[source], self.row_group_rows
+        parts = []
+        for k in range(int(np.searchsorted(starts, start, side="right")) - 1, len(files)):
+            lo, hi = max(start, starts[k]) - starts[k], min(stop, starts[k + 1]) - starts[k]
+            if hi <= lo:
+                break
+            groups = list(range(lo // r, (hi - 1) // r + 1))
+            table = self._file(files[k]["path"]).read_row_groups(groups, columns=self.columns)
+            parts.append(table.slice(lo - groups[0] * r, hi - lo))
+        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+    def read(self, source: str, rows: np.ndarray) -> pa.Table:
+        """The given row positions of a source, in that order (read run by run)."""
+        parts = [self.read_run(source, a, b) for a, b in runs_of(np.asarray(rows))]
+        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def _id_rows(arr: pa.Array) -> list:
+    """A list<int32> (or list<list<int32>>) column -> per row a numpy array (or a list of them)."""
+    offsets = arr.offsets.to_numpy()
+    if pa.types.is_list(arr.type.value_type):
+        inner = _id_rows(arr.values)
+        return [inner[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(arr))]
+
+
+def table_rows(table: pa.Table, source: str) -> dict[str, list]:
+    """A worker's rows {column: list} for the objective: token id columns as numpy arrays."""
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        out[name] = _id_rows(col) if name.endswith("_ids") else col.to_pylist()
+    out["source"] = [source] * table.num_rows
+    return out
+
+
+def iter_prepared_steps(plan: BatchPlan, data: PreparedData, start_step: int, rank: int,
+                        prefetch: int = 2) -> Iterator[tuple[int, dict[str, list], float]]:
+    """(step, rows, seconds waited for them) of this worker from start_step on; a background
+    thread reads up to `prefetch` steps ahead (bounded queue), so a step rarely waits for storage."""
+    if prefetch < 1:
+        raise ValueError(f"data.prefetch must be >= 1, got {prefetch}")
+    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for step in range(start_step, plan.total_steps):
+                source, rows = plan.rows_of(step, rank)
+                if not put((step, table_rows(data.read(source, rows), source))):
+                    return
+            put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            tick = time.perf_counter()
+            item = ready.get()
+            waited = time.perf_counter() - tick
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item[0], item[1], waited
+    finally:
+        stop.set()
+
+
+def synthetic_pairs(n: int, sources: dict[str, float] | None = None, seed: int = 0,
+                    first_id: int = 0) -> pa.Table:
     """A learnable toy pair set for tests, debug runs and benchmarks (words of raylib.tiny's vocab):
     the document repeats the query's 3 topic words among 6 random filler words. Columns: id, query,
-    document, source, language; `sources` maps "source/language" to its share of rows."""
+    document, source, language; `sources` maps "source/language" to its share of rows; ids are
+    p<first_id>... (parts of a large set get distinct ids)."""
     from raylib.tiny import _WORDS
 
     rng = np.random.default_rng(seed)
@@ -216,7 +321,7 @@ def synthetic_pairs(n: int, sources: dict[str, float] | None = None, seed: int =
         words = [_WORDS[j] for j in np.concatenate([topic, filler])]
         rng.shuffle(words)
         source, _, language = names[which[i]].partition("/")
-        rows["id"].append(f"p{i}")
+        rows["id"].append(f"p{first_id + i}")
         rows["query"].append(" ".join(_WORDS[j] for j in topic))
         rows["document"].append(" ".join(words))
         rows["source"].append(source)

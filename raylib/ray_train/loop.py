@@ -1,7 +1,9 @@
 """The one Ray Train loop for contrastive pretraining and finetuning.
 
-`fit(cfg, objective)` plans the data (raylib.ray_train.data), starts a TorchTrainer, and in
-each worker runs: tokenize (Objective.features) -> embed + loss with optional gradient caching
+`fit(cfg, objective)` prepares the data once (raylib.jobs.prepare: pre-tokenized per-source shards
++ manifest, reused when it matches), plans it from the manifest's row counts
+(raylib.ray_train.data), starts a TorchTrainer, and in each worker runs: read this worker's rows of
+the step from the shards (a prefetch thread) -> pad the token ids (Objective.features) -> embed + loss with optional gradient caching
 (raylib.gradcache) -> grad clip -> AdamW -> WSD schedule; every `checkpoint.every_steps` steps (and at
 the end) it reports a checkpoint: a loadable model directory (Encoder.save_pretrained layout) plus
 `train_state.pt` (optimizer, scheduler, next step = data position) and `metrics.jsonl`.
@@ -153,7 +155,7 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from raylib.ray_train.data import iter_steps
+    from raylib.ray_train.data import PreparedData, iter_prepared_steps
 
     cfg: TrainJobConfig = config["cfg"]
     t = cfg.train
@@ -205,10 +207,11 @@ def train_worker(config: dict) -> None:
     plan = config["plan"]
     if plan.num_workers != world:
         raise RuntimeError(f"the data plan is for {plan.num_workers} workers, the group has {world}")
-    tables = {source: ray.get(ref) for source, ref in config["tables"].items()}
+    data = PreparedData(config["manifest"], config["prepared"])
+    check_prepared(data.manifest, encoder, objective)
     last_report = None
     tick = time.perf_counter()
-    for step, rows in iter_steps(plan, tables, start_step, rank):
+    for step, rows, waited in iter_prepared_steps(plan, data, start_step, rank, cfg.data.prefetch):
         if step == t.fail_at_step and rank == 0:
             marker = out_dir / f"failed_at_{step}"
             if not marker.exists():
@@ -217,6 +220,7 @@ def train_worker(config: dict) -> None:
         torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)  # dropout: a function of (step, rank)
         metrics, tokens = training_step(model, encoder, objective, rows, optimizer, scheduler, t, device,
                                         distributed=world > 1)
+        metrics["data_wait_s"] = waited  # mean over workers below
         metrics = _mean_over_workers(metrics, device)
         tokens = _sum_over_workers(tokens, device)
         if device.type == "cuda":
@@ -224,7 +228,7 @@ def train_worker(config: dict) -> None:
         now = time.perf_counter()
         seconds, tick = now - tick, now
         record = {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()},
-                  "examples_per_s": round(len(rows["query"]) * world / seconds, 2),
+                  "examples_per_s": round(len(rows["id"]) * world / seconds, 2),
                   "tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds, 4)}
         if device.type == "cuda":
             record["mfu"] = round(tokens * flops_per_token / seconds / (t.peak_tflops * 1e12 * world), 4)
@@ -245,6 +249,21 @@ def train_worker(config: dict) -> None:
         consumed.close()
     if last_report is None and start_step < total_steps:
         raise RuntimeError(f"worker {rank} got no data from step {start_step} on")
+
+
+def check_prepared(manifest: dict, encoder: Encoder, objective: Any) -> None:
+    """ValueError unless the prepared token ids are this model's and objective's: same tokenizer
+    (vocabulary, prefixes, pad id), same max lengths, the objective's kind of rows."""
+    from raylib.ray_data.prepare import tokenizer_identity
+
+    mined = hasattr(objective, "num_negatives")
+    want = {"tokenizer": tokenizer_identity(encoder.text_tokenizer), "kind": "mined" if mined else "pairs",
+            "query_max_length": objective.query_max_length,
+            "document_max_length": objective.document_max_length}
+    diff = {k: (manifest.get(k), v) for k, v in want.items() if manifest.get(k) != v}
+    if diff:
+        raise ValueError(f"prepared data does not match the model/objective (manifest, wanted): {diff}; "
+                         f"prepare it again (data.prepared empty or another location)")
 
 
 def _report(encoder: Encoder, optimizer, scheduler, next_step: int, record: dict, rank: int,
@@ -288,10 +307,9 @@ def fit(cfg: TrainJobConfig, objective: Any) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    import ray
-
+    from raylib.jobs.prepare import prepare_for_training
     from raylib.jobs.ray_env import init_ray
-    from raylib.ray_train.data import make_plan, read_pairs, split_sources
+    from raylib.ray_train.data import make_plan
 
     s = cfg.scaling
     if s.num_workers < 1:
@@ -301,13 +319,14 @@ def fit(cfg: TrainJobConfig, objective: Any) -> dict:
     if cfg.data.global_batch_size % s.num_workers:
         raise ValueError(f"data.global_batch_size {cfg.data.global_batch_size} is not divisible by "
                          f"scaling.num_workers {s.num_workers}")
-    init_ray(s.ray_num_cpus, s.ray_address or None)
     start = time.time()
-    tables = split_sources(read_pairs(cfg.data.paths, cfg.data.format))
-    plan = make_plan(tables, cfg.data.global_batch_size, s.num_workers, cfg.data.seed, cfg.data.epochs,
+    prepared = prepare_for_training(cfg, objective)  # a Ray Data job, or a matching manifest reused
+    init_ray(s.ray_num_cpus, s.ray_address or None)
+    plan_start = time.time()
+    manifest = {k: v for k, v in prepared.items() if k not in ("location", "reused")}
+    counts = {source: v["rows"] for source, v in manifest["sources"].items()}
+    plan = make_plan(counts, cfg.data.global_batch_size, s.num_workers, cfg.data.seed, cfg.data.epochs,
                      cfg.train.max_steps, cfg.data.source_batch_sizes)
-    table_refs = {source: ray.put(table) for source, table in tables.items()}
-    del tables
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     storage, storage_fs = cfg.checkpoint.storage_path, None
@@ -320,8 +339,8 @@ def fit(cfg: TrainJobConfig, objective: Any) -> dict:
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg, "objective": objective, "plan": plan,
-                           "tables": table_refs, "run_dir": str(out)},
+        train_loop_config={"cfg": cfg, "objective": objective, "plan": plan, "manifest": manifest,
+                           "prepared": prepared["location"], "run_dir": str(out)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.checkpoint.name, storage_path=storage, storage_filesystem=storage_fs,
@@ -334,7 +353,11 @@ def fit(cfg: TrainJobConfig, objective: Any) -> dict:
     location = join(storage if storage_fs is None else f"s3://{storage}", cfg.checkpoint.name)
     published = publish_metrics(final, location) if final else {}
     return {"checkpoint": final, "output": location, "metrics": result.metrics, **published,
-            "plan": plan.summary(), "seconds": round(time.time() - start, 1), "config": asdict(cfg)}
+            "plan": plan.summary(), "prepared": {"location": prepared["location"], "reused": prepared["reused"],
+                                                 "rows": manifest["rows"], "rejected": manifest["rejected"],
+                                                 "seconds": manifest.get("seconds")},
+            "seconds": round(time.time() - start, 1), "train_seconds": round(time.time() - plan_start, 1),
+            "config": asdict(cfg)}
 
 
 def publish_metrics(checkpoint: str, location: str) -> dict[str, str]:
