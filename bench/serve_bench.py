@@ -1,17 +1,23 @@
 """Serving benchmark: throughput and p50/p99 latency of /v1/embeddings at 1 and 32 concurrent
-clients, against an in-process Encoder.encode of the same batches and infinity-emb serving the
-same model directory on the same cores. Optional --load: the issue's bounded load test
-(2,000 valid requests from 32 clients + 500 malformed; no 5xx but deliberate 503s).
+clients for each Encoder backend (torch, onnx, onnx-int8), against an in-process encode of the
+same batches on the same backend and infinity-emb serving the same model directory on the same
+cores. Optional --load: the issue's bounded load test (2,000 valid requests from 32 clients +
+500 malformed; no 5xx but deliberate 503s).
 
-    python bench/serve_bench.py --model minilm [--requests 400] [--load] [--no-infinity]
+    python bench/serve_bench.py --model minilm --requests 200 --backends torch,onnx-int8
 
 infinity-emb 0.0.78 needs transformers 4 (it calls batch_encode_plus, which transformers 5, the
-project's pin, removed) and numpy<2-era huggingface_hub, so it runs from its own venv
-(--infinity-venv, default /work/infinity-venv), made once with:
-    python3.11 -m venv /work/infinity-venv && /work/infinity-venv/bin/pip install torch==2.13.0 \
-        'infinity-emb[server]==0.0.78' 'transformers<5' 'sentence-transformers<5' 'datasets<4'
+project's pin, removed), numpy<2-era huggingface_hub and pyarrow<17 (pyarrow 17+ needs NumPy 2),
+so it runs from its own venv outside the repository (--infinity-venv, default ../venvs/infinity
+relative to the repository root), made once from the repository root with:
+    python3.11 -m venv ../venvs/infinity && ../venvs/infinity/bin/pip install torch==2.13.0 \
+        'infinity-emb[server]==0.0.78' 'transformers<5' 'sentence-transformers<5' 'datasets<4' \
+        'pyarrow<17'
 If it cannot start, the reason is printed and the rest of the report still comes out.
-Last stdout line: one JSON object.
+Data: SciFact documents from ../shared/data/scifact relative to the repository (synthetic text
+if absent). Last stdout line: one JSON object; ratios.c<N> holds serve_vs_in_process_throughput,
+serve_vs_infinity_throughput and serve_p50_minus_in_process_ms (torch backend) and
+<backend>_vs_torch_throughput for every other backend.
 """
 
 import argparse
@@ -21,12 +27,12 @@ import os
 import random
 import socket
 import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+DATA = ROOT / ".." / "shared" / "data" / "scifact"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -42,7 +48,7 @@ def free_port() -> int:
 
 def load_texts(n: int, max_chars: int, seed: int = 0) -> list[str]:
     """SciFact documents (real text) cut to max_chars; synthetic text if the data is absent."""
-    path = Path("/work/shared/data/scifact")
+    path = DATA
     if (path / "corpus.jsonl").exists():
         from raylib.beir import document_text
 
@@ -104,7 +110,7 @@ async def http_load(url: str, bodies: list[dict], concurrency: int, headers: dic
 
 
 def in_process(encoder, texts: list[str], batch: int) -> dict:
-    """Encoder.encode on the same texts in batches of `batch` (what the server can form)."""
+    """encoder.encode on the same texts in batches of `batch` (what the server can form)."""
     lat = []
     encoder.encode(texts[:batch], kind="document")  # warm-up
     start = time.perf_counter()
@@ -156,63 +162,151 @@ def start_infinity(venv: Path, model_dir: str, port: int, batch: int, log: Path,
     return proc, None
 
 
+def serve_backend(args, backend: str, port: int, bodies: list[dict], report: dict) -> None:
+    """Deploy the app on one backend, run every concurrency level (and --load), delete it."""
+    from ray import serve
+
+    from serve.app import app
+
+    t = time.perf_counter()
+    serve.run(app({"model": args.model, "max_batch_size": args.max_batch_size, "num_cpus": 1,
+                   "torch_threads": args.threads, "backend": backend,
+                   "max_ongoing_requests": max(64, args.max_batch_size)}),
+              name=f"bench-{backend}", route_prefix="/")
+    out: dict = {"startup_s": round(time.perf_counter() - t, 1)}
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    asyncio.run(http_load(url, bodies[:32], 4))  # warm-up
+    for c in args.concurrency:
+        out[f"c{c}"] = asyncio.run(http_load(url, bodies, c))
+        print(f"ray serve {backend} c={c}: {out[f'c{c}']}", flush=True)
+    if args.load and backend == args.backends[0]:
+        report["load"] = load_test(args, url, port, [b["input"][0] for b in bodies])
+    report["ray_serve"][backend] = out
+    serve.delete(f"bench-{backend}")
+
+
+def load_test(args, url: str, port: int, texts: list[str]) -> dict:
+    """2,000 valid + 500 malformed requests from 32 clients: no 5xx other than 503."""
+    import httpx
+
+    short = [t[:args.load_max_chars] for t in texts]
+    valid = [{"input": short[i % len(short)]} for i in range(args.load_valid)]
+    bad_bodies = [{"input": []}, {"input": 3}, {"inpt": "x"}, {"input": "x", "dimensions": 9999},
+                  {"input": ["x" * 30000]}, {"input": [None]}, b"\x00garbage",
+                  b'{"input": "lone \\ud800 surrogate"}', b'{"input": "x", "dimensions": 1e39}']
+    bad = [bad_bodies[i % len(bad_bodies)] for i in range(args.load_bad)]
+    mixed = valid + bad
+    random.Random(0).shuffle(mixed)
+    res = asyncio.run(http_load(url, mixed, 32))
+    res["alive_after"] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code
+    res["5xx_other_than_503"] = sum(v for s, v in res["status"].items()
+                                    if s.startswith("5") and s != "503")
+    res["valid"], res["malformed"] = args.load_valid, args.load_bad
+    print(f"load test: {res}", flush=True)
+    return res
+
+
+def run_infinity(args, model_dir: str, bodies: list[dict]) -> dict | str:
+    """infinity-emb (torch engine) on the same model dir, threads and concurrency levels."""
+    port = free_port()
+    log = Path(tempfile.gettempdir()) / f"infinity_bench_{port}.log"
+    venv = Path(args.infinity_venv)
+    venv = venv if venv.is_absolute() else ROOT / venv
+    proc, why = start_infinity(venv, model_dir, port, args.max_batch_size, log, args.threads)
+    if proc is None:
+        print(f"infinity not run: {why}", flush=True)
+        return f"not run: {why}"
+    out: dict = {}
+    try:
+        url = f"http://127.0.0.1:{port}/v1/embeddings"
+        asyncio.run(http_load(url, bodies[:32], 4))
+        for c in args.concurrency:
+            out[f"c{c}"] = asyncio.run(http_load(url, bodies, c))
+            print(f"infinity c={c}: {out[f'c{c}']}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return out
+
+
+def ratios(report: dict, backends: list[str], concurrency: list[int]) -> dict:
+    """Same-run ratios per concurrency level (torch is the reference backend)."""
+    out: dict = {}
+    served, local = report["ray_serve"], report["in_process"]
+    for c in concurrency:
+        key, r = f"c{c}", {}
+        if "torch" in served:
+            tps = served["torch"][key]["texts_per_s"]
+            r["serve_vs_in_process_throughput"] = round(tps / local["torch"][key]["texts_per_s"], 3)
+            r["serve_p50_minus_in_process_ms"] = round(
+                served["torch"][key]["p50_ms"] - local["torch"][key]["p50_ms"], 1)
+            if isinstance(report.get("infinity"), dict):
+                r["serve_vs_infinity_throughput"] = round(
+                    tps / report["infinity"][key]["texts_per_s"], 3)
+            for b in backends:
+                if b != "torch":
+                    r[f"{b}_vs_torch_throughput"] = round(served[b][key]["texts_per_s"] / tps, 3)
+        for b in backends:
+            r[f"{b}_serve_vs_in_process_throughput"] = round(
+                served[b][key]["texts_per_s"] / local[b][key]["texts_per_s"], 3)
+        out[key] = r
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="minilm")
-    p.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    p.add_argument("--backends", default="torch,onnx-int8",
+                   help="comma-separated Encoder backends: torch, onnx, onnx-int8")
+    p.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     p.add_argument("--texts-per-request", type=int, default=1)
     p.add_argument("--max-chars", type=int, default=300)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads in every contender (1 is fastest on a shared 2-core box)")
+                   help="intra-op threads in every contender (1 is fastest on a shared 2-core box)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     p.add_argument("--load", action="store_true", help="also run 2,000 valid + 500 malformed")
     p.add_argument("--load-valid", type=int, default=2000)
     p.add_argument("--load-bad", type=int, default=500)
     p.add_argument("--load-max-chars", type=int, default=80, help="short texts: robustness run")
     p.add_argument("--no-infinity", action="store_true")
-    p.add_argument("--infinity-venv", default="/work/infinity-venv")
+    p.add_argument("--infinity-venv", default="../venvs/infinity",
+                   help="relative paths are taken from the repository root")
     args = p.parse_args()
+    args.backends = [b for b in args.backends.split(",") if b]
 
-    import torch
-
-    import ray
     from ray import serve
 
-    from raylib.model import Encoder
+    from raylib.jobs.ray_env import init_ray
+    from raylib.onnx_backend import BACKENDS, load_encoder
     from raylib.registry import resolve_model_path
-    from serve.app import app
 
-    torch.set_num_threads(args.threads)
+    unknown = set(args.backends) - set(BACKENDS)
+    if unknown:
+        raise SystemExit(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")
     model_dir = str(resolve_model_path(args.model))
     n_req, k = args.requests, args.texts_per_request
     texts = load_texts(n_req * k, args.max_chars)
     bodies = [{"input": texts[i * k:(i + 1) * k], "model": args.model} for i in range(n_req)]
-    report: dict = {"model": args.model, "requests": n_req, "texts_per_request": k,
-                    "max_chars": args.max_chars, "cpus": os.cpu_count(),
-                    "loadavg_start": round(os.getloadavg()[0], 1)}
+    report: dict = {"model": args.model, "backends": args.backends, "requests": n_req,
+                    "texts_per_request": k, "max_chars": args.max_chars, "threads": args.threads,
+                    "cpus": os.cpu_count(), "loadavg_start": round(os.getloadavg()[0], 1)}
 
-    # ---------------------------------------------------------------- in-process baseline
-    encoder = Encoder.from_pretrained(model_dir, device="cpu")
+    # ---------------------------------------------------------------- in-process baselines
     report["in_process"] = {}
-    for c in args.concurrency:
-        # 1 client: one request's texts per call; 32 clients: at most max_batch_size texts
-        batch = k if c == 1 else min(args.max_batch_size, c * k)
-        report["in_process"][f"c{c}"] = in_process(encoder, texts, batch)
-        print(f"in-process batch={batch}: {report['in_process'][f'c{c}']}", flush=True)
-    del encoder
+    for backend in args.backends:
+        encoder = load_encoder(model_dir, backend, device="cpu", threads=args.threads)
+        report["in_process"][backend] = {}
+        for c in args.concurrency:
+            # 1 client: one request's texts per call; 32 clients: at most max_batch_size texts
+            batch = k if c == 1 else min(args.max_batch_size, c * k)
+            res = in_process(encoder, texts, batch)
+            report["in_process"][backend][f"c{c}"] = res
+            print(f"in-process {backend} batch={batch}: {res}", flush=True)
+        del encoder
 
-    # ---------------------------------------------------------------- Ray Serve
-    for attempt in range(3):  # ray.init gives the raylet 30 s to register: a busy box can miss it
-        try:
-            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled",
-                                               "HF_HUB_OFFLINE": "1"}})
-            break
-        except Exception as exc:  # noqa: BLE001 - reported, then retried
-            print(f"ray.init attempt {attempt + 1} failed: {exc}", flush=True)
-            if attempt == 2:
-                raise
+    # ---------------------------------------------------------------- Ray Serve, per backend
+    init_ray(num_cpus=8, log_to_driver=False)
     port = free_port()
     for attempt in range(3):  # the proxy must start within 60 s: not always so on a busy box
         try:
@@ -223,73 +317,18 @@ def main() -> None:
             serve.shutdown()
     else:
         raise RuntimeError("Serve did not start in 3 attempts")
-    t = time.perf_counter()
-    serve.run(app({"model": args.model, "max_batch_size": args.max_batch_size,
-                   "num_cpus": 1, "torch_threads": args.threads,
-                   "max_ongoing_requests": max(64, args.max_batch_size)}),
-              name="bench", route_prefix="/")
-    report["serve_startup_s"] = round(time.perf_counter() - t, 1)
-    url = f"http://127.0.0.1:{port}/v1/embeddings"
-    asyncio.run(http_load(url, bodies[:32], 4))  # warm-up
     report["ray_serve"] = {}
-    for c in args.concurrency:
-        res = asyncio.run(http_load(url, bodies, c))
-        report["ray_serve"][f"c{c}"] = res
-        print(f"ray serve c={c}: {res}", flush=True)
-    if args.load:
-        short = [t[:args.load_max_chars] for t in texts]
-        valid = [{"input": short[i % len(short)]} for i in range(args.load_valid)]
-        bad_bodies = [{"input": []}, {"input": 3}, {"inpt": "x"}, {"input": "x", "dimensions": 9999},
-                      {"input": ["x" * 30000]}, {"input": [None]}, b"\x00garbage"]
-        bad = [bad_bodies[i % len(bad_bodies)] for i in range(args.load_bad)]
-        mixed = valid + bad
-        random.Random(0).shuffle(mixed)
-        res = asyncio.run(http_load(url, mixed, 32))
-        import httpx
-
-        res["alive_after"] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code
-        res["5xx_other_than_503"] = sum(v for s, v in res["status"].items()
-                                        if s.startswith("5") and s != "503")
-        res["valid"], res["malformed"] = args.load_valid, args.load_bad
-        report["load"] = res
-        print(f"load test: {res}", flush=True)
+    for backend in args.backends:
+        serve_backend(args, backend, port, bodies, report)
     serve.shutdown()
+    import ray
+
     ray.shutdown()
 
     # ---------------------------------------------------------------- infinity-emb
-    if args.no_infinity:
-        report["infinity"] = "skipped (--no-infinity)"
-    else:
-        port = free_port()
-        log = Path("/tmp") / f"infinity_bench_{port}.log"
-        proc, why = start_infinity(Path(args.infinity_venv), model_dir, port,
-                                   args.max_batch_size, log, args.threads)
-        if proc is None:
-            report["infinity"] = f"not run: {why}"
-            print(report["infinity"], flush=True)
-        else:
-            try:
-                url = f"http://127.0.0.1:{port}/v1/embeddings"
-                asyncio.run(http_load(url, bodies[:32], 4))
-                report["infinity"] = {}
-                for c in args.concurrency:
-                    res = asyncio.run(http_load(url, bodies, c))
-                    report["infinity"][f"c{c}"] = res
-                    print(f"infinity c={c}: {res}", flush=True)
-            finally:
-                proc.terminate()
-                proc.wait(30)
-
-    # ---------------------------------------------------------------- ratios
-    for c in args.concurrency:
-        key = f"c{c}"
-        serve_tps = report["ray_serve"][key]["texts_per_s"]
-        report.setdefault("ratios", {})[key] = {
-            "serve_vs_in_process_throughput": round(
-                serve_tps / report["in_process"][key]["texts_per_s"], 3),
-            **({"serve_vs_infinity_throughput": round(
-                serve_tps / report["infinity"][key]["texts_per_s"], 3)}
-               if isinstance(report.get("infinity"), dict) else {})}
+    report["infinity"] = ("skipped (--no-infinity)" if args.no_infinity
+                          else run_infinity(args, model_dir, bodies))
+    report["ratios"] = ratios(report, args.backends, args.concurrency)
     report["loadavg_end"] = round(os.getloadavg()[0], 1)
     print(json.dumps(report))
 
