@@ -652,6 +652,7 @@ def app(args: ServeArgs) -> serve.Application:
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus, **code},
         **scaling).bind(plain)
     return Ingress.options(
+        num_replicas=args.ingress_replicas,
         max_ongoing_requests=2 * args.ingress_max_ongoing_requests,
         max_queued_requests=4 * args.ingress_max_ongoing_requests,
         backpressure_config={"retry_after_s": args.retry_after_s},

@@ -51,6 +51,8 @@ class ServeArgs(BaseModel):
     max_queued_requests: int = Field(256, ge=-1, description="per caller of the Encoder; -1: no cap")
     ingress_max_ongoing_requests: int = Field(256, ge=1,
                                               description="in-flight HTTP requests per ingress replica")
+    ingress_replicas: int = Field(1, ge=1, description="Ingress (HTTP) replicas; one serves ~1-2k "
+                                                        "requests/s")
     retry_after_s: int = Field(1, ge=0)
     replica_retries: int = Field(2, ge=0, description="re-sends of a call whose replica died")
 

@@ -432,3 +432,23 @@ def test_one_bad_call_in_a_batch_never_fails_the_others(tiny_dir, reference):
         TEXTS[:2], "document", padding=False)["input_ids"]]
     assert out[2]["sparse"][0] == pytest.approx(
         reference.encode(TEXTS[5:6], sparse=True)["sparse"][0], abs=1e-5)
+
+
+def test_deploy_configs_validate():
+    """serve/config.yaml and serve/config_gpu.yaml: Serve's deploy schema and our ServeArgs."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.schemas import ServeArgs
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("config.yaml", "config_gpu.yaml"):
+        config = yaml.safe_load((root / "serve" / name).read_text())
+        ServeDeploySchema.model_validate(config)
+        args = ServeArgs.model_validate(config["applications"][0]["args"])
+        assert args.max_ongoing_requests >= args.max_batch_size
+    gpu = ServeArgs.model_validate(yaml.safe_load((root / "serve" / "config_gpu.yaml").read_text())
+                                   ["applications"][0]["args"])
+    assert gpu.num_gpus > 0 and gpu.backend == "torch"
