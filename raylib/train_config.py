@@ -34,7 +34,7 @@ class DataSection:
     prepared: str = ""          # prepared data (manifest dir); empty: <run output>/prepared from paths
     length_bounds: list[int] = field(default_factory=list)  # M3 §3.4 length buckets (token bounds)
     row_group_rows: int = 1024  # prepared shards' row group (about one worker's rows of a step)
-    partition_mib: int = 256    # input MiB per key range of the prepare stage (write task memory)
+    partition_mib: float = 256    # input MiB per key range of the prepare stage (write task memory)
     prefetch: int = 2           # steps each worker reads ahead in a background thread
 
 

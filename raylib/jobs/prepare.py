@@ -40,7 +40,7 @@ class PrepareConfig:
     length_bounds: list[int] = field(default_factory=list)     # M3 §3.4 buckets (empty: none)
     seed: int = 0                    # the within-source order
     row_group_rows: int = 1024       # a worker's rows of a step span about one row group
-    partition_mib: int = 256         # input MiB per key range: bounds one write task's memory
+    partition_mib: float = 256         # input MiB per key range: bounds one write task's memory
     read_blocks: int = 0             # read parallelism cap (0: Ray's choice)
     reuse: bool = True               # keep an existing manifest made with the same settings
     ray_num_cpus: int = 8

@@ -214,9 +214,10 @@ def shard_name(source: str, part: int) -> str:
     return f"shards/{urllib.parse.quote(source, safe='')}/part-{part:05d}.parquet"
 
 
-def write_group(group: pa.Table, output: str, row_group_rows: int) -> pa.Table:
+def write_group(group: pa.Table, fs: Any, root: str, row_group_rows: int) -> pa.Table:
     """One (source, part) group: sorted by key and written as one shard (rejected rows: counted
-    by reason); returns one metadata row (source, part, path, rows, first/last key, rejects)."""
+    by reason); returns one metadata row (source, part, path, rows, first/last key, rejects).
+    `fs` is the driver's filesystem object (pickled: an S3 endpoint and keys travel with it)."""
     source = group.column("source")[0].as_py()
     part = int(group.column("part")[0].as_py())
     meta = {"source": [source], "part": [part], "path": [None], "rows": [group.num_rows],
@@ -227,7 +228,6 @@ def write_group(group: pa.Table, output: str, row_group_rows: int) -> pa.Table:
         return pa.table(meta)
     order = pc.sort_indices(group, sort_keys=[("key", "ascending"), ("id", "ascending")])
     shard = group.take(order).drop_columns(list(SHARD_DROP))
-    fs, root = filesystem_for(output)
     name = shard_name(source, part)
     fs.create_dir(join(root, name).rsplit("/", 1)[0], recursive=True)
     pq.write_table(shard, join(root, name), filesystem=fs, row_group_size=row_group_rows)
@@ -236,9 +236,11 @@ def write_group(group: pa.Table, output: str, row_group_rows: int) -> pa.Table:
     return pa.table(meta)
 
 
-def partitions_for(input_bytes: int, partition_mib: int) -> int:
+def partitions_for(input_bytes: int, partition_mib: float) -> int:
     """Key ranges per source so that the largest source's groups stay near partition_mib."""
-    return max(1, math.ceil(input_bytes / (partition_mib << 20)))
+    if partition_mib <= 0:
+        raise ValueError(f"partition_mib must be > 0, got {partition_mib}")
+    return max(1, math.ceil(input_bytes / (partition_mib * 2 ** 20)))
 
 
 def build_manifest(meta_rows: list[dict], spec: PrepareSpec, extra: dict) -> dict:
@@ -276,8 +278,9 @@ def run_pipeline(inputs: Sequence[str], output: str, spec: PrepareSpec,
     ds = ds.map_batches(prepare_batch, fn_args=(spec,), batch_format="pyarrow", zero_copy_batch=True,
                         batch_size=ROWS_PER_BATCH)
     # one shuffle partition per key range: a reduce task then holds about partition_mib of rows
-    meta = ds.groupby(["source", "part"], num_partitions=spec.partitions).map_groups(write_group, fn_args=(output, spec.row_group_rows),
-                                                     batch_format="pyarrow")
+    fs, root = filesystem_for(output)
+    meta = ds.groupby(["source", "part"], num_partitions=spec.partitions).map_groups(
+        write_group, fn_args=(fs, root, spec.row_group_rows), batch_format="pyarrow")
     return meta.take_all()
 
 

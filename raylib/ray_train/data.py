@@ -189,10 +189,12 @@ def runs_of(rows: np.ndarray) -> list[tuple[int, int]]:
 
 class PreparedData:
     """A prepared data set (manifest + shards, local or s3://): reads any run of a source's rows by
-    row groups, so a worker fetches only its own rows of a step. Opened files are kept (LRU)."""
+    row groups, so a worker fetches only its own rows of a step. Opened files are kept (LRU).
+    `filesystem`: the driver's (pickled to the workers: an S3 endpoint and keys travel with it)."""
 
-    def __init__(self, manifest: dict, root: str, open_files: int = 16):
+    def __init__(self, manifest: dict, root: str, filesystem=None, open_files: int = 16):
         self.manifest, self.root = manifest, root
+        self._fs, self._root = filesystem_for(root) if filesystem is None else (filesystem, filesystem_for(root)[1])
         self.row_group_rows = int(manifest["row_group_rows"])
         self.columns = list(manifest["columns"])
         self._files = {s: v["files"] for s, v in manifest["sources"].items()}
@@ -211,8 +213,7 @@ class PreparedData:
 
     def _file(self, path: str) -> pq.ParquetFile:
         if path not in self._open:
-            fs, inner = filesystem_for(join(self.root, path))
-            self._open[path] = pq.ParquetFile(fs.open_input_file(inner))
+            self._open[path] = pq.ParquetFile(self._fs.open_input_file(join(self._root, path)))
             if len(self._open) > self._max_open:
                 self._open.popitem(last=False)
         self._open.move_to_end(path)

@@ -207,7 +207,7 @@ def train_worker(config: dict) -> None:
     plan = config["plan"]
     if plan.num_workers != world:
         raise RuntimeError(f"the data plan is for {plan.num_workers} workers, the group has {world}")
-    data = PreparedData(config["manifest"], config["prepared"])
+    data = PreparedData(config["manifest"], config["prepared"], config["prepared_fs"])
     check_prepared(data.manifest, encoder, objective)
     last_report = None
     tick = time.perf_counter()
@@ -310,6 +310,7 @@ def fit(cfg: TrainJobConfig, objective: Any) -> dict:
     from raylib.jobs.prepare import prepare_for_training
     from raylib.jobs.ray_env import init_ray
     from raylib.ray_train.data import make_plan
+    from raylib.storage import filesystem_for
 
     s = cfg.scaling
     if s.num_workers < 1:
@@ -331,8 +332,6 @@ def fit(cfg: TrainJobConfig, objective: Any) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     storage, storage_fs = cfg.checkpoint.storage_path, None
     if is_remote(storage):  # raylib's S3 filesystem: AWS_ENDPOINT_URL and single-part writes
-        from raylib.storage import filesystem_for
-
         storage_fs, storage = filesystem_for(storage)
     else:
         storage = str(Path(storage).expanduser().resolve())
@@ -340,7 +339,8 @@ def fit(cfg: TrainJobConfig, objective: Any) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg, "objective": objective, "plan": plan, "manifest": manifest,
-                           "prepared": prepared["location"], "run_dir": str(out)},
+                           "prepared": prepared["location"], "run_dir": str(out),
+                           "prepared_fs": filesystem_for(prepared["location"])[0]},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=cfg.checkpoint.name, storage_path=storage, storage_filesystem=storage_fs,
