@@ -1,9 +1,11 @@
 """Embedding stage for Ray Data: an actor pool of callable classes, each holding one raylib Encoder.
 
 Two ways to turn text into token ids (the model half is the same `Encoder.encode_features`):
-  - in the actor (`tokenize_upstream=False`): each actor tokenizes its own rows, then runs the
-    model. On CPU the tokenizer and the model share the same cores either way, and keeping them
-    in one process saves moving the ids between processes (bench/filter_scale.py measures both);
+  - in the actor (`tokenize_upstream=False`, the default on CPU): each actor tokenizes its own
+    rows, then runs the model. On CPU the tokenizer is a small share of an actor's time (0.2%
+    with minilm or me5-small, 8.5% with the hidden-32 test model; bench/tokenize_vs_model.py,
+    bench/filter_scale.py) and both modes ran within noise of each other on 2 cores, so the
+    actor keeps it and no ids travel between processes;
   - upstream (`tokenize_upstream=True`, the default with GPUs): stateless CPU `map_batches`
     tasks tokenize (the model's tokenizer only, loaded once per worker process) and add a
     list<int32> column of unpadded ids per encoded column; the actor sorts them by length into
