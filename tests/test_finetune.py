@@ -217,9 +217,13 @@ def test_finetune_job_two_workers_cross_worker_m3_equals_one_batch(tmp_path, ray
     assert abs(float(loss) - first["loss"]) < 1e-4, (float(loss), first["loss"])
 
 
-def test_length_grouping_tags_sources_by_bucket(tmp_path):
+@pytest.mark.slow
+def test_length_grouping_tags_sources_by_bucket(tmp_path, ray_session):
+    """M3 §3.4 length grouping goes through the prepare stage (a Ray Data job): rows land in
+    per-bucket sources of the manifest, token ids and all, nothing lost, nothing on the driver's disk."""
     from raylib.config import load_config
     from raylib.jobs.finetune import FinetuneJobConfig, apply_length_grouping
+    from raylib.ray_train.data import PreparedData, make_plan
 
     rows = _synthetic(6, 4)
     rows["positive"][2] = " ".join(["cat"] * 40)  # one long group
@@ -229,11 +233,15 @@ def test_length_grouping_tags_sources_by_bucket(tmp_path):
                        "length_grouping.bounds=[16, 64]", "length_grouping.batch_sizes=[4, 2]"])
     info = apply_length_grouping(cfg)
     assert cfg.data.source_batch_sizes == {"#len<=16": 4, "#len<=64": 2} == info["batch_sizes"]
-    tagged = pq.read_table(cfg.data.paths[0]).to_pydict()
-    assert tagged["source"][2] == "synthetic#len<=64"
-    assert all(s == "synthetic#len<=16" for i, s in enumerate(tagged["source"]) if i != 2)
     assert info["rows_per_source_bucket"] == {"synthetic#len<=16": 5, "synthetic#len<=64": 1}
-    assert tagged["query"] == rows["query"]  # nothing else changes, no row lost
+    assert cfg.data.prepared == info["path"] == str(tmp_path / "debug" / "prepared")
+    prepared = PreparedData.open(cfg.data.prepared)
+    long = prepared.read("synthetic#len<=64", np.arange(1))
+    assert long.column("id").to_pylist() == [rows["id"][2]] and len(long.column("positive_ids")[0]) == 42
+    short = prepared.read("synthetic#len<=16", np.arange(5))
+    assert sorted(short.column("id").to_pylist()) == sorted(i for k, i in enumerate(rows["id"]) if k != 2)
+    plan = make_plan(prepared.source_rows, 2, 2, 0, 1, batch_sizes=cfg.data.source_batch_sizes)
+    assert plan.sizes == {"synthetic#len<=16": 4, "synthetic#len<=64": 2}
 
 
 def test_m3_mode_gives_a_dense_checkpoint_fresh_heads(tiny_dir, tmp_path):

@@ -22,6 +22,8 @@ from raylib.schedule import wsd_factor, wsd_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from test_s3 import s3_server  # noqa: E402,F401  (moto S3 fixture)
+
 
 # ----------------------------------------------------------------------------- WSD
 def test_wsd_warmup_stable_decay():
@@ -170,17 +172,16 @@ def _consumed(run_dir: Path, workers: int) -> dict[int, list]:
     return {s: [i for part in parts for i in part] for s, parts in sorted(out.items())}
 
 
-@pytest.mark.slow
-def test_injected_failure_resumes_exactly(ray_session, tmp_path):
+def _resume_check(data: str, tmp_path: Path, extra: list[str]) -> None:
+    """A run killed at step 7 by an injected failure ends with the weights of an uninterrupted run
+    and consumed every planned example exactly once (each step's rows read from prepared shards)."""
     from raylib.jobs.pretrain import PretrainConfig
     from raylib.ray_train.loop import fit
 
-    data = tmp_path / "pairs.parquet"
-    pq.write_table(synthetic_pairs(8 * 12, {"web/en": 2.0, "news/de": 1.0}, seed=2), data)
     common = [f"data.paths=[{data}]", "data.global_batch_size=8", "data.epochs=1",
               f"checkpoint.storage_path={tmp_path / 'ckpt'}", "checkpoint.every_steps=3",
               "train.log_consumed=true", "train.grad_cache_chunk=2", "train.log_every=100",
-              "scaling.num_workers=2", "scaling.max_failures=1", "synthetic.rows=0"]
+              "scaling.num_workers=2", "scaling.max_failures=1", "synthetic.rows=0", *extra]
     config = ROOT / "jobs" / "configs" / "pretrain" / "debug.yaml"
     plain = load_config(PretrainConfig, config, common + ["checkpoint.name=plain"])
     failing = load_config(PretrainConfig, config, common + ["checkpoint.name=failing",
@@ -201,4 +202,33 @@ def test_injected_failure_resumes_exactly(ray_session, tmp_path):
     assert len(ids) == len(set(ids)) == steps * 8  # every planned example exactly once
     lines = (fail_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, steps + 1))
+    assert all("data_wait_s" in json.loads(x) for x in lines)
     assert (fail_dir / "curves.png").exists()
+    return a, b
+
+
+@pytest.mark.slow
+def test_injected_failure_resumes_exactly(ray_session, tmp_path):
+    data = tmp_path / "pairs.parquet"
+    pq.write_table(synthetic_pairs(8 * 12, {"web/en": 2.0, "news/de": 1.0}, seed=2), data)
+    a, b = _resume_check(str(data), tmp_path, [])
+    assert not a["prepared"]["reused"] and a["prepared"]["location"].endswith("ckpt/plain/prepared")
+
+
+@pytest.mark.slow
+def test_injected_failure_resumes_exactly_from_s3(ray_session, tmp_path, s3_server):
+    """The same with the pairs and the prepared shards on s3:// (moto): both runs share one
+    prepared location (the second reuses its manifest); workers read their rows from S3."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="train")
+    data = tmp_path / "pairs.parquet"
+    pq.write_table(synthetic_pairs(8 * 12, {"web/en": 2.0, "news/de": 1.0}, seed=2), data)
+    s3.upload_file(str(data), "train", "pairs/part-0.parquet")
+    a, b = _resume_check("s3://train/pairs/", tmp_path, ["data.prepared=s3://train/prepared",
+                                                         "data.row_group_rows=3"])
+    assert a["prepared"]["location"] == b["prepared"]["location"] == "s3://train/prepared"
+    assert not a["prepared"]["reused"] and b["prepared"]["reused"]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="train", Prefix="prepared/")["Contents"]]
+    assert "prepared/manifest.json" in keys and sum(k.endswith(".parquet") for k in keys) == 2
