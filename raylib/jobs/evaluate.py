@@ -36,6 +36,7 @@ class EvaluateConfig:
     dims: list[int] = field(default_factory=list)                 # Matryoshka truncations of dense
     quantization: list[str] = field(default_factory=lambda: ["none"])  # none, int8, binary
     batch_size: int = 64
+    backend: str = "torch"           # torch, onnx (fp32) or onnx-int8 (raylib.onnx_backend)
     output: str = ""                 # local dir or s3:// (default runs/evaluate/<data>-<split>-<model>)
 
     def __post_init__(self) -> None:
@@ -56,16 +57,24 @@ def run(cfg: EvaluateConfig) -> dict:
     if is_s3(cfg.data):
         raise ValueError(f"data must be a local BEIR dir (got {cfg.data})")
     start = time.time()
-    encoder = Encoder.from_pretrained(cfg.model)
+    if cfg.backend == "torch":
+        encoder = Encoder.from_pretrained(cfg.model)
+    else:
+        from raylib.onnx_backend import load_encoder
+
+        encoder = load_encoder(cfg.model, cfg.backend)
     data = load_beir(cfg.data, cfg.split)
     print(f"[evaluate] {len(data.queries)} queries, {len(data.corpus)} documents", file=sys.stderr)
     results = evaluate_encoder(encoder, data, cfg.modes, cfg.dims, cfg.quantization,
                                batch_size=cfg.batch_size, show_progress=True)
     summary = {"model": str(cfg.model), "data": str(cfg.data), "split": cfg.split,
                "num_queries": len(data.queries), "num_documents": len(data.corpus),
-               "results": results, "seconds": round(time.time() - start, 1), "config": asdict(cfg)}
-    lines = [f"{cfg.model} on {cfg.data} ({cfg.split}): {len(data.queries)} queries, "
-             f"{len(data.corpus)} documents; {seconds(summary['seconds'])}"]
+               "empty_texts": data.empty_counts(), "results": results, "seconds": round(time.time() - start, 1), "config": asdict(cfg)}
+    empty = summary["empty_texts"]
+    lines = [f"{cfg.model} ({cfg.backend}) on {cfg.data} ({cfg.split}): {len(data.queries)} queries, "
+             f"{len(data.corpus)} documents; {seconds(summary['seconds'])}",
+             f"empty or whitespace-only texts, encoded as the peers do: {empty['empty_queries']} "
+             f"queries, {empty['empty_documents']} documents"]
     lines += [f"{key}: " + ", ".join(f"{m} {v:.4f}" for m, v in values.items())
               for key, values in results.items()]
     return finish("evaluate", summary, cfg.output, lines)

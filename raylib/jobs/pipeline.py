@@ -6,8 +6,8 @@
       --set workdir=s3://bucket/run1
 
 Each stage is the stage's own job (`python -m raylib.jobs.<stage> --config ... --set ...`) run as a
-child process, so it behaves exactly as when run alone or under `ray job submit`, and it joins the
-same cluster (RAY_ADDRESS) or starts its own local Ray. The pipeline gives each stage its output
+child process, so it behaves exactly as when run alone or under `ray job submit`; the stages
+share one Ray: the cluster named by RAY_ADDRESS or one local Ray the pipeline starts. The pipeline gives each stage its output
 location under `workdir` (local or s3://) and reads the stage's summary.json from there; a stage
 whose marker `<workdir>/stages/<stage>.json` exists is skipped (resume). Stage settings may use the
 placeholders {workdir}, {model}, {curation_model}, {pairs}, {filtered}, {mined}, {pretrained},
@@ -75,6 +75,7 @@ class PipelineConfig:
     finetune: StageConfig = field(default_factory=StageConfig)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     serve: ServeSection = field(default_factory=ServeSection)
+    local_num_cpus: int = 8          # CPU tokens of the local Ray the stages share (no RAY_ADDRESS)
 
 
 # stage -> (placeholder its result fills, the --set items that put its output under workdir)
@@ -161,7 +162,7 @@ def serve_and_query(model: str, cfg: ServeSection) -> dict:
     from raylib.jobs.ray_env import init_ray
     from serve.app import app as build_app
 
-    joined = init_ray(log_to_driver=False)
+    joined = init_ray(log_to_driver=False)  # the pipeline's own Ray (share_ray) or the cluster
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.port})
     serve.run(build_app({"model": model}), name="raylib", route_prefix="/")
     base = f"http://127.0.0.1:{cfg.port}"
@@ -188,6 +189,17 @@ def serve_and_query(model: str, cfg: ServeSection) -> dict:
     return result
 
 
+def share_ray(num_cpus: int) -> None:
+    """Join the cluster (RAY_ADDRESS) or start one local Ray, and let every stage join it through
+    RAY_ADDRESS: one Ray start for the whole pipeline instead of one per stage."""
+    import ray
+
+    from raylib.jobs.ray_env import init_ray
+
+    init_ray(num_cpus, log_to_driver=False)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def prepare_data(cfg: PipelineConfig, paths: dict) -> dict | None:
     """Build the demo set (locally, then copied to an s3:// workdir) unless the pairs exist."""
     if not cfg.data.build_demo or exists(paths["pairs"]):
@@ -211,6 +223,7 @@ def run(cfg: PipelineConfig) -> dict:
     paths["pairs"] = cfg.data.pairs.format(**paths)
     paths["eval_data"] = cfg.data.eval_data.format(**paths)
     stages: dict[str, dict] = {}
+    share_ray(cfg.local_num_cpus)
     data = prepare_data(cfg, paths)
     if data is not None:
         stages["data"] = data
