@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from raylib.model import ModelSpec
+
 
 @dataclass
 class ModelSection:
     """Starting checkpoint: a model dir or name (minilm, me5-small), or `tiny` (raylib.tiny)."""
 
-    name_or_path: str = "minilm"
+    name_or_path: str | ModelSpec = "minilm"  # or a ModelSpec mapping (pooling, prefixes, trust_remote_code)
     tiny: dict = field(default_factory=dict)         # kwargs of raylib.tiny.tiny_encoder when name is tiny
     activation_checkpointing: bool = False            # backbone.gradient_checkpointing_enable()
     matryoshka_dims: list[int] = field(default_factory=list)  # written into the saved settings

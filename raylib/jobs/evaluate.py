@@ -20,6 +20,7 @@ from typing import Sequence
 
 from raylib.config import parse_job_args
 from raylib.jobs.summary import finish, seconds
+from raylib.model import ModelSpec
 from raylib.storage import is_s3
 
 SHORTCUTS = {"model": "model", "data": "data", "split": "split", "output": "output"}
@@ -29,7 +30,7 @@ SHORTCUTS = {"model": "model", "data": "data", "split": "split", "output": "outp
 class EvaluateConfig:
     """Config of the evaluation job (unknown keys are an error)."""
 
-    model: str = ""                  # model dir or name (minilm, me5-small)
+    model: str | ModelSpec = ""      # model dir or name (minilm, me5-small), or a ModelSpec mapping
     data: str = ""                   # BEIR dir (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)
     split: str = "test"
     modes: list[str] = field(default_factory=lambda: ["dense"])  # dense, sparse, multivector, hybrid
@@ -44,7 +45,8 @@ class EvaluateConfig:
             if not getattr(self, name):
                 raise ValueError(f"{name} is required (--{name} or --set {name}=...)")
         if not self.output:
-            names = [Path(self.data.rstrip("/")).name, self.split, Path(str(self.model).rstrip("/")).name]
+            model = ModelSpec.of(self.model).name_or_path
+            names = [Path(self.data.rstrip("/")).name, self.split, Path(str(model).rstrip("/")).name]
             self.output = str(Path("runs") / "evaluate" / "-".join(names))
 
 

@@ -23,6 +23,7 @@ from typing import Sequence
 from raylib.config import parse_job_args
 from raylib.filters import HEURISTICS, HeuristicConfig, num_shards
 from raylib.jobs.summary import finish, seconds
+from raylib.model import ModelSpec
 from raylib.storage import filesystem_for, join
 
 REQUIRED = ("query", "document", "source", "language")
@@ -35,7 +36,8 @@ class FilterConfig:
     input: str | list[str] = ""  # Parquet/JSONL file(s) or dir, local or s3://
     output: str = ""  # the job's output location: kept/, rejects/, summary.json (local or s3://)
     rejects: str = ""  # rejected rows with `reason` (Parquet dir; default <output>/rejects)
-    model: str = "minilm"  # filter model: path or name (minilm, me5-small)
+    model: str | ModelSpec = "minilm"  # filter model: path or name (minilm, me5-small) or a ModelSpec mapping
+    tokenize_upstream: bool | None = None  # token ids from CPU tasks before the actors (None: on GPU only)
     shard_size: int = 3_000_000  # pairs per consistency shard (even cuts of a source x language)
     top_k: int = 20  # keep a pair if its own document ranks within top_k of its shard
     consistency: bool = True  # false: heuristics and de-duplication only (no embedding)
@@ -156,6 +158,7 @@ def run(cfg: FilterConfig) -> dict:
                        concurrency=cfg.concurrency, num_gpus=cfg.num_gpus_per_actor,
                        batch_size=cfg.batch_size, num_cpus=cfg.num_cpus_per_actor,
                        rows_per_call=cfg.rows_per_call, num_threads=cfg.num_threads_per_actor,
+                       tokenize_upstream=cfg.tokenize_upstream,
                        stats=stats)
         emb_columns = ["_q_emb", "_d_emb"] if cfg.consistency else []
         scratch_fs, scratch_root = filesystem_for(cfg.scratch)

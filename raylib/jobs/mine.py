@@ -18,6 +18,7 @@ from typing import Sequence
 from raylib import mining as M
 from raylib.config import parse_job_args
 from raylib.jobs.summary import finish, seconds
+from raylib.model import ModelSpec
 from raylib.storage import join
 
 
@@ -38,6 +39,7 @@ class ResourcesConfig:
     embed_num_gpus: float = 0
     embed_num_cpus: float = 0.5
     embed_num_threads: int | None = None  # torch threads per embedding actor (None: Ray's, from num_cpus)
+    tokenize_upstream: bool | None = None  # token ids from CPU tasks before the actors (None: on GPU only)
     embed_batch_size: int = 64
     max_length: int | None = None      # teacher max tokens (None: the model's own)
     mine_concurrency: int = 1
@@ -51,7 +53,7 @@ class ResourcesConfig:
 
 @dataclass
 class MineJobConfig:
-    teacher: str = "minilm"            # model dir or name
+    teacher: str | ModelSpec = "minilm"  # model dir or name, or a ModelSpec mapping (pooling, prefixes, trust_remote_code)
     candidates: int = 100              # top-K retrieved per query before filtering
     num_negatives: int = 10
     strategy: str = "topk_percpos"     # topk_percpos | topk_abs | rank_window
@@ -63,8 +65,9 @@ class MineJobConfig:
     pos_reference: str = "min"         # min | pair
     order: str = "random"              # random | margin | mean_neg | min_neg
     seed: int = 0
-    max_docs_per_shard: int | None = 1_000_000
+    max_docs_per_shard: int | None = 1_000_000  # a cap on top of the byte budget (index.memory_bytes)
     histogram_bins: int = 20           # teacher score histograms in the summary
+    index: M.IndexBudget = field(default_factory=M.IndexBudget)  # shard indexes sized by bytes
     input: InputConfig = field(default_factory=InputConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     output: str = "runs/mine"          # the job's output location (local or s3://): mined/ (what
@@ -75,6 +78,9 @@ class MineJobConfig:
         """Where each output table goes, inside `output`."""
         names = ("mined", "rejects", "too_few", "corpus_rejects")
         return {name: join(self.output, name) for name in names}
+
+    def __post_init__(self) -> None:
+        self.index.validate()
 
     def rule(self) -> M.NegativeRule:
         return M.NegativeRule(strategy=self.strategy, num_negatives=self.num_negatives,

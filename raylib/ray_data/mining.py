@@ -79,11 +79,8 @@ def _corpus_batch(batch: pa.Table) -> pa.Table:
 
 
 def index_budget(cfg: MineJobConfig) -> M.IndexBudget:
-    """The job's index byte budget (`cfg.index`, an IndexBudget or its dict); defaults without one."""
-    budget = getattr(cfg, "index", None)
-    if isinstance(budget, dict):
-        budget = M.IndexBudget(**budget)
-    return (budget or M.IndexBudget()).validate()
+    """The job's index byte budget (its `index:` section)."""
+    return cfg.index.validate()
 
 
 def shard_plan(cfg: MineJobConfig, num_docs: int, dim: int) -> M.ShardPlan:
@@ -111,7 +108,8 @@ def build_shards(corpus: Dataset, cfg: MineJobConfig, num_docs: int) -> tuple[li
     embedded = embed(keyed, cfg.teacher, "document", "document", "d_emb",
                      concurrency=r.embed_concurrency, num_gpus=r.embed_num_gpus,
                      batch_size=r.embed_batch_size, num_cpus=r.embed_num_cpus, max_length=r.max_length,
-                     num_threads=r.embed_num_threads)
+                     num_threads=r.embed_num_threads,
+                     tokenize_upstream=r.tokenize_upstream)
     pending: list = []
     routed = 0
     for batch in embedded.iter_batches(batch_size=r.corpus_batch_size, batch_format="numpy"):
@@ -381,7 +379,8 @@ def run_mining(cfg: MineJobConfig) -> dict:
 
     with_q = embed(pairs, cfg.teacher, "query", "query", "q_emb", concurrency=r.embed_concurrency,
                    num_gpus=r.embed_num_gpus, batch_size=r.embed_batch_size, num_cpus=r.embed_num_cpus,
-                   max_length=r.max_length, num_threads=r.embed_num_threads)
+                   max_length=r.max_length, num_threads=r.embed_num_threads,
+                   tokenize_upstream=r.tokenize_upstream)
     mined = with_q.map_batches(
         MineBatch,
         fn_constructor_kwargs=dict(shards=shards, positives=[positives_ref], rule=asdict(cfg.rule()),
