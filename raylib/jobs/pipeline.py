@@ -8,9 +8,8 @@
 Each stage is the stage's own job (`python -m raylib.jobs.<stage> --config ... --set ...`) run as a
 child process, so it behaves exactly as when run alone or under `ray job submit`; the stages
 share one Ray: the cluster named by RAY_ADDRESS or one local Ray the pipeline starts. The
-pipeline gives each stage its output
-location under `workdir` (local or s3://) and reads the stage's summary.json from there; a stage
-whose marker `<workdir>/stages/<stage>.json` exists is skipped (resume). Stage settings may use the
+pipeline gives each stage its output location under `workdir` (local or s3://) and reads the
+stage's summary.json from there; a stage whose marker `<workdir>/stages/<stage>.json` exists is skipped (resume). Stage settings may use the
 placeholders {workdir}, {model}, {curation_model}, {pairs}, {filtered}, {mined}, {pretrained},
 {base}, {finetuned}, {eval_data}.
 """
