@@ -177,6 +177,23 @@ def load_tokenizer(path: Path, spec: ModelSpec) -> Any:
         raise
 
 
+class _PoolerOnlyReport(logging.Filter):
+    """Drops transformers' load report when its only finding is the pooler we leave out on purpose
+    (add_pooling_layer=False: pooling is ours); any other finding is logged as usual. Without it
+    every embedding actor and replica start prints the same 9-line report for minilm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [line.strip() for line in message.splitlines() if "|" in line and "Status" not in line
+                and not line.strip().startswith("-")]
+        return not rows or not all(r.startswith("pooler.") and "UNEXPECTED" in r for r in rows)
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_PoolerOnlyReport())
+
+
 def load_backbone(path: Path, spec: ModelSpec, attn_implementation: str) -> nn.Module:
     """AutoModel without its pooler; remote code only if trusted."""
     from transformers import AutoModel

@@ -243,3 +243,18 @@ def test_trust_remote_code_is_forwarded_to_transformers(tmp_path):
     loaded = Encoder.from_pretrained(path, device="cpu", trust_remote_code=True)
     assert type(loaded.backbone).__name__ == "TinyRemoteModel"
     np.testing.assert_allclose(loaded.encode_dense(TEXTS), enc.encode_dense(TEXTS), atol=1e-6)
+
+
+def test_load_report_filter_drops_only_the_pooler_we_leave_out():
+    import logging
+
+    from raylib.model import _PoolerOnlyReport
+
+    def record(rows: str) -> logging.LogRecord:
+        msg = f"BertModel LOAD REPORT from: x\nKey | Status |  |\n----+----+\n{rows}\nNotes: ..."
+        return logging.LogRecord("transformers.modeling_utils", logging.WARNING, "", 0, msg, None, None)
+
+    f = _PoolerOnlyReport()
+    assert not f.filter(record("pooler.dense.weight | UNEXPECTED |  |\npooler.dense.bias | UNEXPECTED |  |"))
+    assert f.filter(record("pooler.dense.weight | UNEXPECTED |  |\nencoder.layer.0.x | MISSING |  |"))
+    assert f.filter(logging.LogRecord("t", logging.WARNING, "", 0, "another warning", None, None))
