@@ -126,7 +126,7 @@ def main() -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="filter_planted_"))
     write_jsonl(rows, work / "input.jsonl")
     cfg = load_config(FilterConfig, ROOT / "jobs/configs/filter/debug.yaml", [
-        f"input={work / 'input.jsonl'}", f"output={work / 'kept'}", f"rejects={work / 'rejects'}",
+        f"input={work / 'input.jsonl'}", f"output={work / 'filter'}",
         f"model={args.model}", f"shard_size={len(rows)}", f"top_k={args.top_k}",
         f"concurrency={args.concurrency}", f"num_threads_per_actor={args.threads}",
         "document_max_tokens=256", "read_blocks=1"])
@@ -136,7 +136,7 @@ def main() -> dict:
 
     import pyarrow.dataset as pads
 
-    kept = pads.dataset(work / "kept", format="parquet").to_table(columns=["planted"]).column(0).to_pylist()
+    kept = pads.dataset(summary["outputs"]["kept"], format="parquet").to_table(columns=["planted"]).column(0).to_pylist()
     n_true = sum(r["planted"] == "true" for r in rows)
     n_swapped = len(rows) - n_true
     kept_true = kept.count("true")

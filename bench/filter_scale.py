@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -249,13 +248,12 @@ def main() -> dict:
     results = {"model": f"tiny bert hidden {args.hidden}", "shard_size": args.shard_size, "runs": []}
     encode_model = args.encode_model or model
     if sizes:
-        from jobs.filter import FilterConfig, run
+        from raylib.jobs.filter import FilterConfig, run
         from raylib.config import load_config
     for n in sizes:
         files = make_pairs(n, work / f"in_{n}", seed=n)
         cfg = load_config(FilterConfig, ROOT / "jobs/configs/filter/debug.yaml", [
-            f"input={work / f'in_{n}'}", f"output={work / f'kept_{n}'}",
-            f"rejects={work / f'rejects_{n}'}", f"model={model}", f"shard_size={args.shard_size}",
+            f"input={work / f'in_{n}'}", f"output={work / f'filter_{n}'}", f"model={model}", f"shard_size={args.shard_size}",
             f"top_k={args.top_k}", f"batch_size={args.batch_size}", f"rows_per_call={args.rows_per_call}",
             f"num_threads_per_actor={args.threads}", "document_max_tokens=128", "read_blocks=null",
             "max_chars=100000"])

