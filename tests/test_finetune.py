@@ -233,15 +233,15 @@ def test_length_grouping_tags_sources_by_bucket(tmp_path, ray_session):
                        "length_grouping.bounds=[16, 64]", "length_grouping.batch_sizes=[4, 2]"])
     info = apply_length_grouping(cfg)
     assert cfg.data.source_batch_sizes == {"#len<=16": 4, "#len<=64": 2} == info["batch_sizes"]
-    assert info["rows_per_source_bucket"] == {"synthetic#len<=16": 5, "synthetic#len<=64": 1}
+    assert info["rows_per_source_bucket"] == {"synthetic/en#len<=16": 5, "synthetic/en#len<=64": 1}
     assert cfg.data.prepared == info["path"] == str(tmp_path / "debug" / "prepared")
     prepared = PreparedData.open(cfg.data.prepared)
-    long = prepared.read("synthetic#len<=64", np.arange(1))
+    long = prepared.read("synthetic/en#len<=64", np.arange(1))
     assert long.column("id").to_pylist() == [rows["id"][2]] and len(long.column("positive_ids")[0]) == 42
-    short = prepared.read("synthetic#len<=16", np.arange(5))
+    short = prepared.read("synthetic/en#len<=16", np.arange(5))
     assert sorted(short.column("id").to_pylist()) == sorted(i for k, i in enumerate(rows["id"]) if k != 2)
     plan = make_plan(prepared.source_rows, 2, 2, 0, 1, batch_sizes=cfg.data.source_batch_sizes)
-    assert plan.sizes == {"synthetic#len<=16": 4, "synthetic#len<=64": 2}
+    assert plan.sizes == {"synthetic/en#len<=16": 4, "synthetic/en#len<=64": 2}
 
 
 def test_m3_mode_gives_a_dense_checkpoint_fresh_heads(tiny_dir, tmp_path):

@@ -229,7 +229,8 @@ def train_worker(config: dict) -> None:
         seconds, tick = now - tick, now
         record = {"step": step + 1, **{k: round(v, 6) for k, v in metrics.items()},
                   "examples_per_s": round(len(rows["id"]) * world / seconds, 2),
-                  "tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds, 4)}
+                  "tokens_per_s": round(tokens / seconds, 1), "step_s": round(seconds, 4),
+                  "time": round(time.time(), 3)}
         if device.type == "cuda":
             record["mfu"] = round(tokens * flops_per_token / seconds / (t.peak_tflops * 1e12 * world), 4)
         if consumed is not None and "id" in rows:
