@@ -2,9 +2,10 @@
 
 `load_encoder(model, backend)` returns an object whose `encode(texts, kind=, dense=, sparse=,
 multivector=, dim=, batch_size=, max_length=)` gives what `raylib.model.Encoder.encode` gives
-(dense, sparse {token_id: weight}, multi-vector arrays). Every backend also splits that into
-`tokenize` (token ids, no padding) and `encode_ids` (forward on those ids), so a server
-tokenizes a batch once and takes its token counts from the same pass.
+(dense, sparse {token_id: weight}, multi-vector arrays), and the two halves of it that
+Encoder has too: `tokenize(texts, kind, max_length, padding=False)["input_ids"]` and
+`encode_features(input_ids, ...)`, so a server tokenizes a batch once and takes its token
+counts from the same pass, and `raylib.evaluation.evaluate_encoder` takes any backend.
 
 The ONNX graphs are exported from the model directory by `export_onnx` into `<model>/onnx/`
 (`model.onnx` fp32; `model_int8.onnx` dynamic int8 MatMul weights) and reused while the
@@ -58,31 +59,31 @@ class BaseEncoder:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def prefix(self, kind: str) -> str:
-        if kind not in ("query", "document"):
-            raise ValueError(f"kind must be 'query' or 'document', got {kind!r}")
-        return self.settings.query_prefix if kind == "query" else self.settings.document_prefix
+        return self.text_tokenizer.prefix(kind)
 
     def tokenize(self, texts: Sequence[str], kind: str = "document",
-                 max_length: int | None = None) -> list[list[int]]:
-        """Prefixed, truncated token ids per text (no padding): one pass gives ids and counts."""
-        from raylib.model import check_texts
-
-        texts = check_texts(texts)
-        prefix = self.prefix(kind)
-        batch = self.tokenizer([prefix + t for t in texts], truncation=True, padding=False,
-                               max_length=max_length or self.settings.max_length)
-        return batch["input_ids"]
+                 max_length: int | None = None, padding: bool = False) -> dict[str, Any]:
+        """Prefixed, truncated token ids per text (Encoder.tokenize; unpadded lists here)."""
+        if padding:
+            raise ValueError("ONNX backends tokenize without padding (encode_features pads)")
+        return self.text_tokenizer(texts, kind, max_length, padding=False)
 
     def _forward(self, input_ids: np.ndarray, mask: np.ndarray, dense: bool, sparse: bool,
                  multivector: bool) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def encode_ids(self, ids: Sequence[Sequence[int]], dense: bool = True, sparse: bool = False,
-                   multivector: bool = False, dim: int | None = None,
-                   batch_size: int = 64) -> dict[str, Any]:
+    def encode_features(self, input_ids: Sequence[Sequence[int]], dense: bool = True,
+                        sparse: bool = False, multivector: bool = False, dim: int | None = None,
+                        batch_size: int = 64, show_progress: bool = False,
+                        desc: str = "encode") -> dict[str, Any]:
         """Encode already tokenized texts (length-sorted batches); outputs as Encoder.encode."""
         from raylib.model import truncate_dims
 
+        ids = input_ids
+        if len(ids) == 0:
+            raise ValueError("input_ids is empty: nothing to encode")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if sparse and not self.has_sparse:
             raise ValueError("this model has no sparse head")
         if multivector and not self.has_multivector:
@@ -91,7 +92,12 @@ class BaseEncoder:
             raise ValueError(f"dim must be in 1..{self.dim}, got {dim}")
         order = np.argsort([-len(x) for x in ids], kind="stable")
         dense_out, sparse_out, multi_out = [], [], []
-        for start in range(0, len(ids), max(1, batch_size)):
+        starts: Any = range(0, len(ids), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=desc, unit="batch")
+        for start in starts:
             rows = [ids[i] for i in order[start:start + batch_size]]
             input_ids = np.full((len(rows), max(len(r) for r in rows)), self.pad_id, np.int64)
             mask = np.zeros_like(input_ids)
@@ -125,21 +131,9 @@ class BaseEncoder:
         """Same arguments and outputs as raylib.model.Encoder.encode."""
         if isinstance(texts, str):
             texts = [texts]
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        ids = self.tokenize(texts, kind, max_length)
-        if not show_progress or len(ids) <= batch_size:
-            return self.encode_ids(ids, dense, sparse, multivector, dim, batch_size)
-        from tqdm.auto import tqdm
-
-        chunk = batch_size * 16  # progress per chunk of batches (sorting stays within a chunk)
-        parts = [self.encode_ids(ids[s:s + chunk], dense, sparse, multivector, dim, batch_size)
-                 for s in tqdm(range(0, len(ids), chunk), desc=f"encode ({kind})")]
-        merged: dict[str, Any] = {}
-        for key in parts[0]:
-            merged[key] = (np.concatenate([p[key] for p in parts]) if key == "dense"
-                           else [x for p in parts for x in p[key]])
-        return merged
+        ids = self.tokenize(texts, kind, max_length)["input_ids"]
+        return self.encode_features(ids, dense, sparse, multivector, dim, batch_size,
+                                    show_progress, desc=f"encode ({kind})")
 
     def info(self) -> dict:
         """What a server needs to validate requests and describe the model."""
@@ -171,25 +165,23 @@ class TorchEncoder(BaseEncoder):
 
     def __init__(self, model: Any):
         self.model = model
+        self.text_tokenizer = model.text_tokenizer
         self.tokenizer, self.settings = model.tokenizer, model.settings
         self.dim, self.has_sparse, self.has_multivector = (model.dim, model.has_sparse,
                                                            model.has_multivector)
         colbert = model.colbert_linear
         self.multivector_dim = colbert.out_features if colbert is not None else None
         self.device = str(next(model.parameters()).device)
-        self._init_tokens()
 
-    def _forward(self, input_ids, mask, dense, sparse, multivector):
-        import torch
+    def tokenize(self, texts, kind="document", max_length=None, padding=False):
+        return self.model.tokenize(texts, kind, max_length, padding=padding)
 
-        from raylib.model import autocast_for
-
-        device = next(self.model.parameters()).device
-        with torch.no_grad(), autocast_for(device):
-            out = self.model(torch.from_numpy(input_ids).to(device),
-                             torch.from_numpy(mask).to(device), dense=dense, sparse=sparse,
-                             multivector=multivector)
-        return {k: v.float().cpu().numpy() for k, v in out.items() if k != "mask"}
+    def encode_features(self, input_ids, dense=True, sparse=False, multivector=False, dim=None,
+                        batch_size=64, show_progress=False, desc="encode"):
+        return self.model.encode_features(input_ids, dense=dense, sparse=sparse,
+                                          multivector=multivector, dim=dim,
+                                          batch_size=batch_size, show_progress=show_progress,
+                                          desc=desc)
 
     def encode(self, texts, kind="document", dense=True, sparse=False, multivector=False,
                dim=None, batch_size=64, max_length=None, show_progress=False):
@@ -299,15 +291,16 @@ class OnnxEncoder(BaseEncoder):
     def __init__(self, name_or_path: str | os.PathLike, backend: str = "onnx",
                  threads: int | None = None):
         import onnxruntime as ort
-        from transformers import AutoTokenizer
+
+        from raylib.model import TextTokenizer
 
         if backend not in ONNX_FILES:
             raise ValueError(f"ONNX backend must be one of {sorted(ONNX_FILES)}, got {backend!r}")
         path = resolve_model_path(name_or_path)
         folder = export_onnx(path, int8=backend == "onnx-int8")
         self.backend = backend
-        self.settings = load_settings(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.text_tokenizer = TextTokenizer.from_pretrained(path)
+        self.tokenizer, self.settings = self.text_tokenizer.tokenizer, self.text_tokenizer.settings
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -330,17 +323,6 @@ class OnnxEncoder(BaseEncoder):
         names = ["dense"] + (["sparse"] if sparse else []) + (["multivector"] if multivector else [])
         values = self.session.run(names, {"input_ids": input_ids, "attention_mask": mask})
         return dict(zip(names, values))
-
-
-def load_settings(path: Path):
-    """raylib_settings.json, else sentence-transformers files, else defaults (as Encoder does)."""
-    from raylib.model import SETTINGS_FILE, EncoderSettings, _settings_from_sentence_transformers
-
-    if (path / SETTINGS_FILE).exists():
-        return EncoderSettings.from_json(path / SETTINGS_FILE)
-    if (path / "modules.json").exists():
-        return _settings_from_sentence_transformers(path)
-    return EncoderSettings()
 
 
 def load_encoder(name_or_path: str | os.PathLike, backend: str = "torch",

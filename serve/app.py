@@ -187,8 +187,8 @@ class EncoderDeployment:
 
         kind, dense, sparse, multi = key
         texts = [t for item in items for t in item["texts"]]
-        ids = self.model.tokenize(texts, kind, self.max_length)
-        out = self.model.encode_ids(ids, dense, sparse, multi, batch_size=len(ids))
+        ids = self.model.tokenize(texts, kind, self.max_length, padding=False)["input_ids"]
+        out = self.model.encode_features(ids, dense, sparse, multi, batch_size=len(ids))
         if dense and not np.isfinite(out["dense"]).all():
             raise FloatingPointError("the model produced non-finite values")
         if multi and not all(np.isfinite(m).all() for m in out["multivector"]):

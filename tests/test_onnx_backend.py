@@ -48,15 +48,16 @@ def test_onnx_fp32_equals_torch_on_every_head(prefixed_dir, kind):
 
 
 def test_int8_is_close_and_tokenize_once_gives_the_counts(tiny_dir):
+    """tokenize + encode_features (the halves a server and evaluate_encoder call) on int8."""
     from raylib.model import Encoder
     from raylib.onnx_backend import load_encoder
 
     ref = Encoder.from_pretrained(tiny_dir, device="cpu")
     int8 = load_encoder(tiny_dir, "onnx-int8", threads=1)
-    ids = int8.tokenize(TEXTS, "document")
+    ids = int8.tokenize(TEXTS, "document")["input_ids"]
     assert [len(x) for x in ids] == [
         len(x) for x in ref.tokenize(TEXTS, "document", padding=False)["input_ids"]]
-    got = int8.encode_ids(ids, sparse=True, multivector=True, batch_size=len(ids))
+    got = int8.encode_features(ids, sparse=True, multivector=True, batch_size=len(ids))
     want = ref.encode(TEXTS, kind="document", sparse=True, multivector=True)
     cos = (got["dense"] * want["dense"]).sum(1)
     assert cos.min() > 0.99, cos
@@ -98,3 +99,19 @@ def test_user_errors_are_value_errors(tiny_dir):
         enc.encode(["a"], kind="passage")
     with pytest.raises(ValueError, match="dim"):
         enc.encode(["a"], dim=33)
+
+
+def test_evaluate_encoder_takes_an_onnx_backend(tiny_dir):
+    """raylib.evaluation.evaluate_encoder scores the same with onnx fp32 as with torch."""
+    from raylib.beir import BeirData
+    from raylib.evaluation import evaluate_encoder
+    from raylib.onnx_backend import load_encoder
+
+    corpus = {f"d{i}": {"title": "", "text": t} for i, t in enumerate(TEXTS)}
+    corpus["empty"] = {"title": "", "text": ""}  # evaluate encodes empty documents too
+    queries = {f"q{i}": t.split()[0] + " " + t.split()[-1] for i, t in enumerate(TEXTS)}
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(len(TEXTS))}
+    data = BeirData(corpus=corpus, queries=queries, qrels=qrels)
+    want = evaluate_encoder(load_encoder(tiny_dir, "torch", device="cpu"), data)
+    got = evaluate_encoder(load_encoder(tiny_dir, "onnx"), data)
+    assert got["dense"] == pytest.approx(want["dense"], abs=1e-6)
