@@ -57,11 +57,13 @@ def spec_of(cfg: PrepareConfig, input_bytes: int) -> Any:
                        cfg.row_group_rows)
 
 
-def _input_bytes(inputs: Sequence[str]) -> int:
+def input_files(inputs: Sequence[str]) -> list[list]:
+    """[path, bytes, mtime] of every input file (a listing, no reads): the input's identity for
+    reusing a manifest, and its size for the partition count."""
     from raylib.storage import list_data_files
 
     fs, parquet, jsonl = list_data_files(list(inputs))
-    return sum(info.size or 0 for info in fs.get_file_info(parquet + jsonl))
+    return [[i.path, i.size or 0, str(i.mtime) if i.mtime else None] for i in fs.get_file_info(parquet + jsonl)]
 
 
 def absolute(path: str) -> str:
@@ -72,7 +74,8 @@ def absolute(path: str) -> str:
 
 
 def settings_key(manifest: dict) -> dict:
-    """What must match for a manifest to be reused (everything but counts, layout and timings)."""
+    """What must match for a manifest to be reused (settings, tokenizer, input files with sizes
+    and modification times; not counts, layout or timings)."""
     skip = {"rows", "rejected", "sources", "seconds", "partitions", "pairs_per_s", "columns"}
     return {k: v for k, v in manifest.items() if k not in skip}
 
@@ -88,9 +91,10 @@ def prepare(cfg: PrepareConfig) -> dict:
     cfg.output = absolute(cfg.output)
     if cfg.kind == "mined" and cfg.length_bounds and cfg.num_negatives < 0:
         raise ValueError("num_negatives must be >= 0")
-    spec = spec_of(cfg, _input_bytes(cfg.input))
+    files = input_files(cfg.input)
+    spec = spec_of(cfg, sum(f[1] for f in files))
     identity = tokenizer_identity(load_text_tokenizer(spec.model, spec.tiny))
-    extra = {"input": list(cfg.input), "tokenizer": identity}
+    extra = {"input": list(cfg.input), "input_files": files, "tokenizer": identity}
     wanted = settings_key(build_manifest([], spec, extra))
     path = join(cfg.output, MANIFEST)
     if cfg.reuse and exists(path):
