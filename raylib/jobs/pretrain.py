@@ -4,8 +4,11 @@
   ray job submit --working-dir . -- python jobs/pretrain.py --config jobs/configs/pretrain/h100.yaml
 
 InfoNCE (tau 0.02) against in-batch documents gathered from all workers, Matryoshka prefixes,
-gradient caching, WSD schedule, checkpoints (loadable model dirs) with exact resume. The `loss`
-section is the objective itself (raylib.objectives.ContrastiveObjective). Output location:
+gradient caching, WSD schedule, checkpoints (loadable model dirs) with exact resume. The pairs are
+first prepared (raylib.jobs.prepare: pre-tokenized per-source shards, a Ray Data job) into
+`<output>/prepared`, or read from `data.prepared` when it names a prepared location; Train workers
+stream their rows of each step from there. The `loss` section is the objective itself
+(raylib.objectives.ContrastiveObjective). Output location:
 `<checkpoint.storage_path>/<checkpoint.name>` (checkpoints, metrics.jsonl, curves.png, summary.json).
 """
 
