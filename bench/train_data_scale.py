@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ARCTIC_PAIRS = 1_410_000_000
 CLUSTER_VCPUS = 4 * 192
