@@ -143,11 +143,13 @@ def test_mine_job_beir_rank_window_curriculum_pad(patient_data_context, mean_dir
     (beir / "qrels").mkdir(parents=True)
     docs = {f"d{i}": " ".join(r.choices(WORDS, k=10)) for i in range(60)}
     queries = {f"q{i}": " ".join(docs[f"d{i}"].split()[:3]) for i in range(20)}
+    docs["d59"], queries["q20"] = "  ", ""  # empty texts: a rejected pair, a document left out
     (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "title": "", "text": v}) + "\n"
                                                for k, v in docs.items()))
     (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": k, "text": v}) + "\n"
                                                 for k, v in queries.items()))
-    qrels = [f"q{i}\td{i}\t1" for i in range(20)] + ["q0\td30\t1", "q1\tmissing\t1", "q2\td31\t0"]
+    qrels = [f"q{i}\td{i}\t1" for i in range(20)] + ["q0\td30\t1", "q1\tmissing\t1", "q2\td31\t0",
+                                                     "q20\td20\t1"]
     (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(qrels) + "\n")
     out = tmp_path / "mine" / "mined"
     args = ["--config", str(repo / "jobs/configs/mine/debug.yaml"), "--set", f"teacher={mean_dir}",
@@ -157,7 +159,9 @@ def test_mine_job_beir_rank_window_curriculum_pad(patient_data_context, mean_dir
             "--set", "order=margin", "--set", "seed=3", "--set", f"output={out.parent}"]
     summary = main(args)
     c = summary["counts"]
-    assert c["input"] == 23 and c["rejected_by_reason"] == {"not_positive:grade": 1, "unknown_document": 1}
+    assert c["input"] == 24 and c["rejected_by_reason"] == {
+        "empty:query": 1, "not_positive:grade": 1, "unknown_document": 1}
+    assert summary["corpus"]["rejected_by_reason"] == {"empty:document": 1}
     # a window of at most 5 ranks after the positive is removed: some rows get padded
     assert c["pairs"] == 21 and c["kept"] == 21 and c["padded"] > 0 and c["adds_up"]
     rows = pq.read_table(out).to_pylist()

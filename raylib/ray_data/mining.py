@@ -24,7 +24,7 @@ from ray.data import Dataset
 
 from raylib import mining as M
 from raylib.ray_data.embed import embed
-from raylib.ray_data.io import ROWS_PER_BATCH, read_table, split_rejects, write_parquet
+from raylib.ray_data.io import ROWS_PER_BATCH, read_table, row_reasons, split_rejects, write_parquet
 
 if TYPE_CHECKING:
     from raylib.jobs.mine import MineJobConfig
@@ -268,9 +268,11 @@ def _normalize_pairs(batch: pa.Table) -> pa.Table:
     return pa.table(table)
 
 
-def _beir_inputs(cfg: MineJobConfig) -> tuple[Dataset, Dataset, Dataset, int, Dataset]:
-    """(good pairs, rejects, corpus, input rows, raw pairs) from a BEIR dir: one pair per qrel with
-    grade > 0; qrels naming an unknown query or document, or grade <= 0, are rejects."""
+def _beir_inputs(cfg: MineJobConfig) -> tuple[Dataset, Dataset, Dataset, int, dict[str, int]]:
+    """(good pairs, rejects, corpus, input rows, corpus rejects by reason) from a BEIR dir: one pair
+    per qrel with grade > 0; qrels naming an unknown query or document, grade <= 0, or texts the
+    readers would reject (empty, control characters, ...) are rejects; such corpus documents stay
+    out of the index and are counted."""
     from raylib.beir import document_text, load_beir
 
     data = load_beir(cfg.input.path, cfg.input.split)
@@ -289,15 +291,23 @@ def _beir_inputs(cfg: MineJobConfig) -> tuple[Dataset, Dataset, Dataset, int, Da
                 rejects.append({**row, "reason": reason})
             else:
                 rows.append(row)
+    num_input = len(rows) + len(rejects)
     schema = pa.schema([(c, pa.string()) for c in PAIR_COLUMNS])
-    good = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=schema))
+    pairs = pa.Table.from_pylist(rows, schema=schema)
+    reasons = row_reasons(pairs, ["query", "document"], cfg.input.max_chars)
+    rejects += [{**row, "reason": r} for row, r in zip(rows, reasons) if r]
+    good = ray.data.from_arrow(pairs.filter(pa.array([r is None for r in reasons])))
     rej = ray.data.from_arrow(pa.Table.from_pylist(
         rejects, schema=schema.append(pa.field("reason", pa.string()))))
     ids = list(data.corpus)
-    corpus = ray.data.from_arrow(pa.table({
-        "document": pa.array([document_text(data.corpus[i]) for i in ids], pa.string()),
-        "doc_id": pa.array(ids, pa.string())}))
-    return good, rej, corpus, len(rows) + len(rejects), corpus
+    corpus = pa.table({"document": pa.array([document_text(data.corpus[i]) for i in ids], pa.string()),
+                       "doc_id": pa.array(ids, pa.string())})
+    doc_reasons = row_reasons(corpus, ["document"], cfg.input.max_chars)
+    corpus_rejected: dict[str, int] = {}
+    for r in filter(None, doc_reasons):
+        corpus_rejected[r] = corpus_rejected.get(r, 0) + 1
+    corpus = corpus.filter(pa.array([r is None for r in doc_reasons]))
+    return good, rej, ray.data.from_arrow(corpus), num_input, dict(sorted(corpus_rejected.items()))
 
 
 def _given_corpus(path: str, max_chars: int | None) -> tuple[Dataset, Dataset]:
@@ -343,8 +353,9 @@ def run_mining(cfg: MineJobConfig) -> dict:
     r = cfg.resources
     mined_path, rejects_path, too_few_path = cfg.outputs["mined"], cfg.outputs["rejects"], cfg.outputs["too_few"]
 
+    corpus_rejected: dict[str, int] = {}
     if cfg.input.kind == "beir":
-        good, rejects, corpus, n_input, _ = _beir_inputs(cfg)
+        good, rejects, corpus, n_input, corpus_rejected = _beir_inputs(cfg)
     else:
         good, rejects = split_rejects(read_table(cfg.input.path), ["query", "document"],
                                       cfg.input.max_chars)
@@ -353,15 +364,16 @@ def run_mining(cfg: MineJobConfig) -> dict:
                              batch_size=ROWS_PER_BATCH).materialize()
     rejects = rejects.materialize()
     rejected = _count_reasons(rejects)
-    corpus_rejected: dict[str, int] = {}
     pair_docs = pairs.select_columns(["document", "positive_id"]).rename_columns({"positive_id": "doc_id"})
     # the pairs' documents always enter the corpus (first, so their ids win on duplicates)
     corpus = pair_docs if corpus is None else pair_docs.union(corpus)
     if cfg.input.corpus:
         extra, extra_rej = _given_corpus(cfg.input.corpus, cfg.input.max_chars)
         corpus = corpus.union(extra)
-        corpus_rejected = _count_reasons(extra_rej)
-        if corpus_rejected:
+        extra_rejected = _count_reasons(extra_rej)
+        for reason, n in extra_rejected.items():
+            corpus_rejected[reason] = corpus_rejected.get(reason, 0) + n
+        if extra_rejected:
             write_parquet(extra_rej, cfg.outputs["corpus_rejects"])
     corpus = corpus.materialize()
     n_pairs = pairs.count()
