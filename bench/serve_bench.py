@@ -1,7 +1,9 @@
 """Serving benchmark: throughput and p50/p99 latency of /v1/embeddings at 1 and 32 concurrent
 clients for each Encoder backend (torch, onnx, onnx-int8), against an in-process encode of the
 same batches on the same backend and infinity-emb serving the same model directory on the same
-cores. Optional --load: the issue's bounded load test (2,000 valid requests from 32 clients +
+cores. All contenders are up at once and take turns, level by level, for --rounds rounds (the
+best round is reported, every round's texts/s beside it): on a shared box the load drifts over
+minutes, and turns keep the ratios same-moment. Optional --load: the issue's bounded load test (2,000 valid requests from 32 clients +
 500 malformed; no 5xx but deliberate 503s).
 
     python bench/serve_bench.py --model minilm --requests 200 --backends torch,onnx-int8
@@ -22,6 +24,7 @@ serve_vs_infinity_throughput and serve_p50_minus_in_process_ms (torch backend) a
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -162,27 +165,20 @@ def start_infinity(venv: Path, model_dir: str, port: int, batch: int, log: Path,
     return proc, None
 
 
-def serve_backend(args, backend: str, port: int, bodies: list[dict], report: dict) -> None:
-    """Deploy the app on one backend, run every concurrency level (and --load), delete it."""
+def deploy_backends(args, port: int) -> dict[str, str]:
+    """One app per backend at /<backend> on the same Serve instance; returns their URLs."""
     from ray import serve
 
     from serve.app import app
 
-    t = time.perf_counter()
-    serve.run(app({"model": args.model, "max_batch_size": args.max_batch_size, "num_cpus": 1,
-                   "torch_threads": args.threads, "backend": backend,
-                   "max_ongoing_requests": max(64, args.max_batch_size)}),
-              name=f"bench-{backend}", route_prefix="/")
-    out: dict = {"startup_s": round(time.perf_counter() - t, 1)}
-    url = f"http://127.0.0.1:{port}/v1/embeddings"
-    asyncio.run(http_load(url, bodies[:32], 4))  # warm-up
-    for c in args.concurrency:
-        out[f"c{c}"] = asyncio.run(http_load(url, bodies, c))
-        print(f"ray serve {backend} c={c}: {out[f'c{c}']}", flush=True)
-    if args.load and backend == args.backends[0]:
-        report["load"] = load_test(args, url, port, [b["input"][0] for b in bodies])
-    report["ray_serve"][backend] = out
-    serve.delete(f"bench-{backend}")
+    urls = {}
+    for backend in args.backends:
+        serve.run(app({"model": args.model, "max_batch_size": args.max_batch_size, "num_cpus": 1,
+                       "torch_threads": args.threads, "backend": backend,
+                       "max_ongoing_requests": max(64, args.max_batch_size)}),
+                  name=f"bench-{backend}", route_prefix=f"/{backend}")
+        urls[backend] = f"http://127.0.0.1:{port}/{backend}/v1/embeddings"
+    return urls
 
 
 def load_test(args, url: str, port: int, texts: list[str]) -> dict:
@@ -198,7 +194,8 @@ def load_test(args, url: str, port: int, texts: list[str]) -> dict:
     mixed = valid + bad
     random.Random(0).shuffle(mixed)
     res = asyncio.run(http_load(url, mixed, 32))
-    res["alive_after"] = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code
+    health = url.replace("/v1/embeddings", "/health")
+    res["alive_after"] = httpx.get(health, timeout=10).status_code
     res["5xx_other_than_503"] = sum(v for s, v in res["status"].items()
                                     if s.startswith("5") and s != "503")
     res["valid"], res["malformed"] = args.load_valid, args.load_bad
@@ -206,8 +203,8 @@ def load_test(args, url: str, port: int, texts: list[str]) -> dict:
     return res
 
 
-def run_infinity(args, model_dir: str, bodies: list[dict]) -> dict | str:
-    """infinity-emb (torch engine) on the same model dir, threads and concurrency levels."""
+def start_infinity_for(args, model_dir: str):
+    """(process, url) of infinity-emb on the same model dir and threads, or (None, reason)."""
     port = free_port()
     log = Path(tempfile.gettempdir()) / f"infinity_bench_{port}.log"
     venv = Path(args.infinity_venv)
@@ -215,18 +212,16 @@ def run_infinity(args, model_dir: str, bodies: list[dict]) -> dict | str:
     proc, why = start_infinity(venv, model_dir, port, args.max_batch_size, log, args.threads)
     if proc is None:
         print(f"infinity not run: {why}", flush=True)
-        return f"not run: {why}"
-    out: dict = {}
-    try:
-        url = f"http://127.0.0.1:{port}/v1/embeddings"
-        asyncio.run(http_load(url, bodies[:32], 4))
-        for c in args.concurrency:
-            out[f"c{c}"] = asyncio.run(http_load(url, bodies, c))
-            print(f"infinity c={c}: {out[f'c{c}']}", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    return out
+        return None, f"not run: {why}"
+    return proc, f"http://127.0.0.1:{port}/v1/embeddings"
+
+
+def best_round(runs: list[dict]) -> dict:
+    """The round with the highest throughput (the least disturbed by other work on a shared
+    box), with every round's texts/s beside it."""
+    best = dict(max(runs, key=lambda r: r["texts_per_s"]))
+    best["rounds_texts_per_s"] = [r["texts_per_s"] for r in runs]
+    return best
 
 
 def ratios(report: dict, backends: list[str], concurrency: list[int]) -> dict:
@@ -265,6 +260,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads in every contender (1 is fastest on a shared 2-core box)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--rounds", type=int, default=2,
+                   help="turns of every contender per level; the best round is reported")
     p.add_argument("--load", action="store_true", help="also run 2,000 valid + 500 malformed")
     p.add_argument("--load-valid", type=int, default=2000)
     p.add_argument("--load-bad", type=int, default=500)
@@ -292,20 +289,12 @@ def main() -> None:
                     "texts_per_request": k, "max_chars": args.max_chars, "threads": args.threads,
                     "cpus": os.cpu_count(), "loadavg_start": round(os.getloadavg()[0], 1)}
 
-    # ---------------------------------------------------------------- in-process baselines
-    report["in_process"] = {}
-    for backend in args.backends:
-        encoder = load_encoder(model_dir, backend, device="cpu", threads=args.threads)
-        report["in_process"][backend] = {}
-        for c in args.concurrency:
-            # 1 client: one request's texts per call; 32 clients: at most max_batch_size texts
-            batch = k if c == 1 else min(args.max_batch_size, c * k)
-            res = in_process(encoder, texts, batch)
-            report["in_process"][backend][f"c{c}"] = res
-            print(f"in-process {backend} batch={batch}: {res}", flush=True)
-        del encoder
-
-    # ---------------------------------------------------------------- Ray Serve, per backend
+    # Every contender is up at once and they take turns, level by level, for --rounds rounds:
+    # on a shared box the load drifts over minutes, and turns keep the ratios same-moment.
+    encoders = {b: load_encoder(model_dir, b, device="cpu", threads=args.threads)
+                for b in args.backends}
+    proc, infinity_url = (None, "skipped (--no-infinity)") if args.no_infinity else \
+        start_infinity_for(args, model_dir)
     init_ray(num_cpus=8, log_to_driver=False)
     port = free_port()
     for attempt in range(3):  # the proxy must start within 60 s: not always so on a busy box
@@ -317,17 +306,42 @@ def main() -> None:
             serve.shutdown()
     else:
         raise RuntimeError("Serve did not start in 3 attempts")
-    report["ray_serve"] = {}
-    for backend in args.backends:
-        serve_backend(args, backend, port, bodies, report)
-    serve.shutdown()
-    import ray
+    try:
+        urls = deploy_backends(args, port)
+        contenders = {f"serve/{b}": u for b, u in urls.items()}
+        if proc is not None:
+            contenders["infinity"] = infinity_url
+        for url in contenders.values():
+            asyncio.run(http_load(url, bodies[:32], 4))  # warm-up
+        runs: dict = collections.defaultdict(list)
+        for r in range(args.rounds):
+            for c in args.concurrency:
+                # in-process: 1 client = one request's texts per call; 32 = max_batch_size texts
+                batch = k if c == 1 else min(args.max_batch_size, c * k)
+                for b, enc in encoders.items():
+                    runs[(f"in_process/{b}", c)].append(in_process(enc, texts, batch))
+                for name, url in contenders.items():
+                    runs[(name, c)].append(asyncio.run(http_load(url, bodies, c)))
+                for (name, level), res in runs.items():
+                    if level == c and len(res) == r + 1:
+                        print(f"round {r + 1} {name} c={c}: {res[-1]}", flush=True)
+        report["in_process"] = {b: {f"c{c}": best_round(runs[(f"in_process/{b}", c)])
+                                    for c in args.concurrency} for b in args.backends}
+        report["ray_serve"] = {b: {f"c{c}": best_round(runs[(f"serve/{b}", c)])
+                                   for c in args.concurrency} for b in args.backends}
+        report["infinity"] = ({f"c{c}": best_round(runs[("infinity", c)])
+                               for c in args.concurrency} if proc is not None else infinity_url)
+        if args.load:
+            report["load"] = load_test(args, urls[args.backends[0]], port,
+                                       [b["input"][0] for b in bodies])
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+        serve.shutdown()
+        import ray
 
-    ray.shutdown()
-
-    # ---------------------------------------------------------------- infinity-emb
-    report["infinity"] = ("skipped (--no-infinity)" if args.no_infinity
-                          else run_infinity(args, model_dir, bodies))
+        ray.shutdown()
     report["ratios"] = ratios(report, args.backends, args.concurrency)
     report["loadavg_end"] = round(os.getloadavg()[0], 1)
     print(json.dumps(report))
