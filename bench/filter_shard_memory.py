@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PAPER_PAIRS = 3_000_000
 H100_FP32_TFLOPS = 67.0     # H100 SXM5 dense FP32 (non-tensor) peak; FAISS flat search is a fp32 GEMM
