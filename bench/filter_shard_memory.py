@@ -21,7 +21,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 
 PAPER_PAIRS = 3_000_000
