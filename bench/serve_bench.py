@@ -178,6 +178,12 @@ def deploy_backends(args, port: int) -> dict[str, str]:
                        "max_ongoing_requests": max(64, args.max_batch_size)}),
                   name=f"bench-{backend}", route_prefix=f"/{backend}")
         urls[backend] = f"http://127.0.0.1:{port}/{backend}/v1/embeddings"
+    if args.colocate:  # the same torch app with the model inside the ingress (one hop fewer)
+        serve.run(app({"model": args.model, "max_batch_size": args.max_batch_size, "num_cpus": 1,
+                       "torch_threads": args.threads, "backend": "torch", "colocate": True,
+                       "max_ongoing_requests": max(64, args.max_batch_size)}),
+                  name="bench-colocated", route_prefix="/colocated")
+        urls["colocated"] = f"http://127.0.0.1:{port}/colocated/v1/embeddings"
     return urls
 
 
@@ -241,6 +247,15 @@ def ratios(report: dict, backends: list[str], concurrency: list[int]) -> dict:
             for b in backends:
                 if b != "torch":
                     r[f"{b}_vs_torch_throughput"] = round(served[b][key]["texts_per_s"] / tps, 3)
+        if "colocated" in served and "torch" in local:
+            col = served["colocated"][key]
+            r["colocated_vs_in_process_throughput"] = round(
+                col["texts_per_s"] / local["torch"][key]["texts_per_s"], 3)
+            r["colocated_p50_minus_in_process_ms"] = round(
+                col["p50_ms"] - local["torch"][key]["p50_ms"], 1)
+            if isinstance(report.get("infinity"), dict):
+                r["colocated_vs_infinity_throughput"] = round(
+                    col["texts_per_s"] / report["infinity"][key]["texts_per_s"], 3)
         for b in backends:
             r[f"{b}_serve_vs_in_process_throughput"] = round(
                 served[b][key]["texts_per_s"] / local[b][key]["texts_per_s"], 3)
@@ -266,6 +281,8 @@ def main() -> None:
     p.add_argument("--load-valid", type=int, default=2000)
     p.add_argument("--load-bad", type=int, default=500)
     p.add_argument("--load-max-chars", type=int, default=80, help="short texts: robustness run")
+    p.add_argument("--colocate", action="store_true",
+                   help="also serve torch with the model inside the ingress (serve/colocated)")
     p.add_argument("--no-infinity", action="store_true")
     p.add_argument("--infinity-venv", default="../venvs/infinity",
                    help="relative paths are taken from the repository root")
@@ -328,7 +345,7 @@ def main() -> None:
         report["in_process"] = {b: {f"c{c}": best_round(runs[(f"in_process/{b}", c)])
                                     for c in args.concurrency} for b in args.backends}
         report["ray_serve"] = {b: {f"c{c}": best_round(runs[(f"serve/{b}", c)])
-                                   for c in args.concurrency} for b in args.backends}
+                                   for c in args.concurrency} for b in urls}
         report["infinity"] = ({f"c{c}": best_round(runs[("infinity", c)])
                                for c in args.concurrency} if proc is not None else infinity_url)
         if args.load:

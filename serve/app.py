@@ -232,6 +232,30 @@ def _count_texts(items) -> int:
     return sum(len(item["texts"]) for item, _ in items)
 
 
+# Defined before the deployments that use them: @serve.deployment captures a class's globals
+# when it decorates it.
+class _LocalMethod:
+    """A method of an in-process object behind the handle's `.remote()` shape."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        if asyncio.iscoroutinefunction(self.fn):
+            return self.fn(*args)
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(self.fn(*args))
+        return future
+
+
+class _LocalHandle:
+    """The Encoder in the ingress's own process (ServeArgs.colocate)."""
+
+    def __init__(self, replica: Any):
+        self.replica = replica
+        self.encode, self.info = _LocalMethod(replica.encode), _LocalMethod(replica.info)
+
+
 # ------------------------------------------------------------------------------- ingress
 api = FastAPI(title="raylib-embed", description="Encoder + hybrid reranker on Ray Serve")
 
@@ -357,9 +381,12 @@ async def _auth_limits_metrics(request: Request, call_next):
 class Ingress:
     """HTTP front: validation, limits, auth, OpenAI formatting; the work is done by handles."""
 
-    def __init__(self, encoder: DeploymentHandle, args: dict):
-        self.encoder = encoder
+    def __init__(self, encoder: Optional[DeploymentHandle], args: dict):
         self.args = ServeArgs.model_validate(args)
+        # colocate: the model lives in this process (one hop fewer per request; a lost replica
+        # then loses its requests, as with any single-process server)
+        self.encoder = encoder if encoder is not None else _LocalHandle(
+            EncoderDeployment.func_or_class(args))
         self.api_key = self.args.api_key or os.environ.get(API_KEY_ENV) or None
         self.model_name = self.args.served_model_name or os.path.basename(
             os.path.normpath(self.args.model))
@@ -645,6 +672,13 @@ def app(args: ServeArgs) -> serve.Application:
     else:
         scaling = {"num_replicas": args.num_replicas}
     # Serve needs max_ongoing_requests >= max_batch_size or batches stay small (RAY_NOTES).
+    if args.colocate:  # one deployment: the ingress replicas hold the model
+        return Ingress.options(
+            max_ongoing_requests=2 * args.ingress_max_ongoing_requests,
+            max_queued_requests=4 * args.ingress_max_ongoing_requests,
+            backpressure_config={"retry_after_s": args.retry_after_s},
+            ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus, **code},
+            **scaling).bind(None, plain)
     encoder = EncoderDeployment.options(
         max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
         max_queued_requests=args.max_queued_requests,

@@ -55,6 +55,8 @@ class ServeArgs(BaseModel):
                                                         "requests/s")
     retry_after_s: int = Field(1, ge=0)
     replica_retries: int = Field(2, ge=0, description="re-sends of a call whose replica died")
+    colocate: bool = Field(False, description="model inside the ingress replicas: one hop fewer "
+                                              "per request, but no re-send when a replica dies")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
