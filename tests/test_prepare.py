@@ -152,9 +152,11 @@ def test_workers_read_exactly_the_reference_plan(ray_session, tmp_path):
         cfg = PrepareConfig(input=[str(tmp_path / name)], output=str(tmp_path / f"out_{name}"),
                             model=ModelSection(name_or_path="tiny", tiny=TINY), query_max_length=8,
                             document_max_length=12, seed=3, row_group_rows=5, read_blocks=2,
-                            partition_mib=0.004 if name == "a" else 256)  # a: several files per source
+                            partition_mib=0.004 if name == "a" else 256,  # a: several key ranges
+                            row_groups_per_file=3 if name == "a" else 512)  # a: files of 15 rows
         manifests[name] = prepare(cfg)
     assert manifests["a"]["partitions"] > 1 == manifests["b"]["partitions"]
+    assert all(f["rows"] <= 15 for v in manifests["a"]["sources"].values() for f in v["files"])
     assert {s: v["rows"] for s, v in manifests["a"]["sources"].items()} == \
            {s: v["rows"] for s, v in manifests["b"]["sources"].items()}
     reference = _reference_steps(table, seed=3, batch=8, workers=2, epochs=2)

@@ -40,6 +40,7 @@ class PrepareConfig:
     length_bounds: list[int] = field(default_factory=list)     # M3 §3.4 buckets (empty: none)
     seed: int = 0                    # the within-source order
     row_group_rows: int = 1024       # a worker's rows of a step span about one row group
+    row_groups_per_file: int = 512   # bounds each file's footer, hence a reader's memory per open file
     partition_mib: float = 256         # input MiB per key range: bounds one write task's memory
     read_blocks: int = 0             # read parallelism cap (0: Ray's choice)
     reuse: bool = True               # keep an existing manifest made with the same settings
@@ -54,7 +55,7 @@ def spec_of(cfg: PrepareConfig, input_bytes: int) -> Any:
     return PrepareSpec(cfg.kind, cfg.model.name_or_path, tuple(sorted(cfg.model.tiny.items())),
                        cfg.query_max_length, cfg.document_max_length, cfg.num_negatives,
                        tuple(cfg.length_bounds), cfg.seed, partitions_for(input_bytes, cfg.partition_mib),
-                       cfg.row_group_rows)
+                       cfg.row_group_rows, cfg.row_groups_per_file)
 
 
 def input_files(inputs: Sequence[str]) -> list[list]:

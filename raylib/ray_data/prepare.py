@@ -61,12 +61,13 @@ class PrepareSpec:
     seed: int = 0
     partitions: int = 1            # key ranges per source (file size only; not the order)
     row_group_rows: int = 1024
+    row_groups_per_file: int = 512  # bounds a file's footer (a reader keeps a few files open)
 
     def __post_init__(self) -> None:
         if self.kind not in ("pairs", "mined"):
             raise ValueError(f"kind must be pairs or mined, got {self.kind!r}")
-        if self.partitions < 1 or self.row_group_rows < 1:
-            raise ValueError("partitions and row_group_rows must be >= 1")
+        if min(self.partitions, self.row_group_rows, self.row_groups_per_file) < 1:
+            raise ValueError("partitions, row_group_rows and row_groups_per_file must be >= 1")
         if min(self.query_max_length, self.document_max_length) < 1:
             raise ValueError("max lengths must be >= 1")
 
@@ -209,30 +210,38 @@ def _prepare_mined(out: dict, good: list[int], query_ids: list, positives: list[
     return lengths
 
 
-def shard_name(source: str, part: int) -> str:
-    """The shard file of (source, part), relative to the output: shards/<quoted source>/part-NNNNN.parquet."""
-    return f"shards/{urllib.parse.quote(source, safe='')}/part-{part:05d}.parquet"
+def shard_name(source: str, part: int, chunk: int) -> str:
+    """A shard file of (source, part), relative to the output:
+    shards/<quoted source>/part-PPPPP-CCCCC.parquet."""
+    return f"shards/{urllib.parse.quote(source, safe='')}/part-{part:05d}-{chunk:05d}.parquet"
 
 
-def write_group(group: pa.Table, fs: Any, root: str, row_group_rows: int) -> pa.Table:
-    """One (source, part) group: sorted by key and written as one shard (rejected rows: counted
-    by reason); returns one metadata row (source, part, path, rows, first/last key, rejects).
-    `fs` is the driver's filesystem object (pickled: an S3 endpoint and keys travel with it)."""
+def write_group(group: pa.Table, fs: Any, root: str, row_group_rows: int, row_groups_per_file: int) -> pa.Table:
+    """One (source, part) group: sorted by key and written as shards of at most row_groups_per_file
+    row groups (rejected rows: counted by reason); returns one metadata row per file (source, part,
+    chunk, path, rows, first/last key) or per rejects group. `fs` is the driver's filesystem object
+    (pickled: an S3 endpoint and keys travel with it)."""
     source = group.column("source")[0].as_py()
     part = int(group.column("part")[0].as_py())
-    meta = {"source": [source], "part": [part], "path": [None], "rows": [group.num_rows],
-            "first_key": [None], "last_key": [None], "rejected": [None]}
     if source == REJECTED:
         counts = pc.value_counts(group.column("reason")).to_pylist()
-        meta["rejected"] = [json.dumps({c["values"]: int(c["counts"]) for c in counts})]
-        return pa.table(meta)
+        return pa.table({"source": [source], "part": [part], "chunk": [0], "path": [None],
+                         "rows": [group.num_rows], "first_key": [None], "last_key": [None],
+                         "rejected": [json.dumps({c["values"]: int(c["counts"]) for c in counts})]})
     order = pc.sort_indices(group, sort_keys=[("key", "ascending"), ("id", "ascending")])
     shard = group.take(order).drop_columns(list(SHARD_DROP))
-    name = shard_name(source, part)
-    fs.create_dir(join(root, name).rsplit("/", 1)[0], recursive=True)
-    pq.write_table(shard, join(root, name), filesystem=fs, row_group_size=row_group_rows)
-    keys = shard.column("key")
-    meta.update(path=[name], first_key=[keys[0].as_py()], last_key=[keys[-1].as_py()])
+    per_file = row_group_rows * row_groups_per_file
+    meta: dict[str, list] = {k: [] for k in ("source", "part", "chunk", "path", "rows", "first_key",
+                                             "last_key", "rejected")}
+    for chunk, start in enumerate(range(0, shard.num_rows, per_file)):
+        piece = shard.slice(start, per_file)
+        name = shard_name(source, part, chunk)
+        if chunk == 0:
+            fs.create_dir(join(root, name).rsplit("/", 1)[0], recursive=True)
+        pq.write_table(piece, join(root, name), filesystem=fs, row_group_size=row_group_rows)
+        keys = piece.column("key")
+        for k, v in zip(meta, (source, part, chunk, name, piece.num_rows, keys[0].as_py(), keys[-1].as_py(), None)):
+            meta[k].append(v)
     return pa.table(meta)
 
 
@@ -256,7 +265,7 @@ def build_manifest(meta_rows: list[dict], spec: PrepareSpec, extra: dict) -> dic
         sources.setdefault(m["source"], []).append(m)
     out = {}
     for source in sorted(sources):
-        files = sorted(sources[source], key=lambda m: m["part"])
+        files = sorted(sources[source], key=lambda m: (m["part"], m["chunk"]))
         for a, b in zip(files, files[1:]):
             if a["last_key"] > b["first_key"]:
                 raise RuntimeError(f"shards of {source} overlap in key range: {a['path']}, {b['path']}")
@@ -280,7 +289,7 @@ def run_pipeline(inputs: Sequence[str], output: str, spec: PrepareSpec,
     # one shuffle partition per key range: a reduce task then holds about partition_mib of rows
     fs, root = filesystem_for(output)
     meta = ds.groupby(["source", "part"], num_partitions=spec.partitions).map_groups(
-        write_group, fn_args=(fs, root, spec.row_group_rows), batch_format="pyarrow")
+        write_group, fn_args=(fs, root, spec.row_group_rows, spec.row_groups_per_file), batch_format="pyarrow")
     return meta.take_all()
 
 

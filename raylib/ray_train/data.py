@@ -192,7 +192,7 @@ class PreparedData:
     row groups, so a worker fetches only its own rows of a step. Opened files are kept (LRU).
     `filesystem`: the driver's (pickled to the workers: an S3 endpoint and keys travel with it)."""
 
-    def __init__(self, manifest: dict, root: str, filesystem=None, open_files: int = 16):
+    def __init__(self, manifest: dict, root: str, filesystem=None, open_files: int = 8):
         self.manifest, self.root = manifest, root
         self._fs, self._root = filesystem_for(root) if filesystem is None else (filesystem, filesystem_for(root)[1])
         self.row_group_rows = int(manifest["row_group_rows"])
