@@ -161,9 +161,9 @@ def main() -> None:
               f"{b['first_step_s'] / a['first_step_s']:.3f}x")
     cores = os.cpu_count() or 1
     best = out[sizes[-1]]["prepare_pairs_per_s"]
-    hours = ARCTIC_PAIRS / (best / cores * CLUSTER_VCPUS) / 3600
+    minutes = ARCTIC_PAIRS / (best / cores * CLUSTER_VCPUS) / 60
     print(f"extrapolation: {best:,.0f} pairs/s on {cores} cores = {best / cores:,.0f} pairs/s per core; "
-          f"1.41B pairs on {CLUSTER_VCPUS} vCPUs (4 x p5.48xlarge) at that rate per vCPU: {hours:.1f} h "
+          f"1.41B pairs on {CLUSTER_VCPUS} vCPUs (4 x p5.48xlarge) at that rate per vCPU: {minutes:.0f} min "
           f"(linear scaling assumed; tiny WordPiece tokenizer here, an XLM-R tokenizer is slower per text)")
     print(json.dumps({"sizes": {str(n): {k: out[n][k] for k in ("prepare_pairs_per_s", "driver_peak_mib",
                                                                    "worker_peak_mib", "first_step_s",
