@@ -130,7 +130,11 @@ def tokenizer_identity(text_tokenizer: Any) -> dict:
     """What makes token ids reproducible: vocabulary + pipeline hash, prefixes, pad id, side."""
     tok = text_tokenizer.tokenizer
     backend = getattr(tok, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    if backend is not None:  # without the call-time truncation/padding state each call resets
+        state = json.loads(backend.to_str())
+        body = json.dumps({k: v for k, v in state.items() if k not in ("truncation", "padding")}, sort_keys=True)
+    else:
+        body = json.dumps(tok.get_vocab(), sort_keys=True)
     return {"class": type(tok).__name__, "sha256": hashlib.sha256(body.encode()).hexdigest(),
             "query_prefix": text_tokenizer.settings.query_prefix,
             "document_prefix": text_tokenizer.settings.document_prefix,
