@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(FinetuneJobConfig, "jobs/configs/finetune/debug.yaml", overrides)
     t = time.time()
     if args.trainer == "ray":
-        summary = fit(cfg, make_objective)
+        summary = fit(cfg, cfg.objective)
     else:
         summary = train_in_process(cfg, out / "inprocess")
     timings["finetune_s"] = round(time.time() - t, 1)

@@ -115,9 +115,9 @@ def main() -> None:
         if args.skip_ray:
             return
         plain_first = plain_loop(cfg, tables, plan, device)
-        summary = fit(cfg, objective_factory)
+        summary = fit(cfg, objective_factory(cfg))
         plain_second = plain_loop(cfg, tables, plan, device)
-        rows = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in Path(summary["metrics_path"]).read_text().splitlines()]
         ray_times = [r["step_s"] for r in rows][2:]  # drop warm-up steps in both
         plain_times = plain_first[2:] + plain_second[2:]
         ray_med, plain_med = statistics.median(ray_times), statistics.median(plain_times)
