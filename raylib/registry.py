@@ -29,13 +29,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAYLIB_CACHE") or Path.home() / ".cache" / "raylib")
 
 
-def _from_storage(uri: str) -> Path:
-    """A model directory on s3:// (a checkpoint of another node), copied once into the cache."""
+def _storage_key(uri: str) -> str:
+    """The cache key of a model directory in storage: its URI and every file's name, size and
+    modification time, so a model written again at the same URI is copied again, not served stale."""
     import hashlib
 
+    import pyarrow.fs as pafs
+
+    from raylib.storage import filesystem_for
+
+    fs, inner = filesystem_for(uri)
+    files = sorted((i.path, i.size, i.mtime_ns) for i in fs.get_file_info(pafs.FileSelector(
+        inner, recursive=True, allow_not_found=True)) if i.type == pafs.FileType.File)
+    if not files:
+        raise ValueError(f"model {uri!r}: no files there")
+    return hashlib.sha1(repr((uri.rstrip("/"), files)).encode()).hexdigest()[:16]
+
+
+def _from_storage(uri: str) -> Path:
+    """A model directory on s3:// (a checkpoint of another node), copied once into the cache."""
     from raylib.storage import copy_tree
 
-    local = cache_dir() / "storage" / hashlib.sha1(uri.rstrip("/").encode()).hexdigest()[:16]
+    local = cache_dir() / "storage" / _storage_key(uri)
     if not (local / "config.json").exists():
         tmp = local.with_name(local.name + f".tmp{os.getpid()}")
         copy_tree(uri, str(tmp))

@@ -655,6 +655,15 @@ class Ingress:
 
 
 # ------------------------------------------------------------------------------- builder
+def _replica_runtime_env(pythonpath: str) -> dict[str, Any]:
+    """The replicas' runtime_env: the application's own (the runtime_env of a `serve deploy`
+    config, which Serve gives only to deployments that set none) plus PYTHONPATH."""
+    import ray
+
+    base = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    return {**base, "env_vars": {**(base.get("env_vars") or {}), "PYTHONPATH": pythonpath}}
+
+
 def app(args: ServeArgs) -> serve.Application:
     """Build the application (`serve run serve.app:app model=minilm`)."""
     if not isinstance(args, ServeArgs):
@@ -666,7 +675,7 @@ def app(args: ServeArgs) -> serve.Application:
     # already provides it, e.g. `serve deploy`; see RAY_NOTES).
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    code = {"runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}}
+    code = {"runtime_env": _replica_runtime_env(pythonpath)}
     if args.autoscaling is not None:
         scaling: dict[str, Any] = {"autoscaling_config": args.autoscaling.model_dump()}
     else:

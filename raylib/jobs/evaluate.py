@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from raylib.config import parse_job_args
 from raylib.jobs.summary import finish, seconds
@@ -50,14 +50,27 @@ class EvaluateConfig:
             self.output = str(Path("runs") / "evaluate" / "-".join(names))
 
 
+def _load_data(location: str, split: str) -> Any:
+    """The BEIR set from a local dir, or from s3:// through a temporary local copy (the job may run
+    on any node: nothing is read from a disk another node wrote)."""
+    from raylib.beir import load_beir
+
+    if not is_s3(location):
+        return load_beir(location, split)
+    import tempfile
+
+    from raylib.storage import copy_tree
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_tree(location, tmp)
+        return load_beir(tmp, split)
+
+
 def run(cfg: EvaluateConfig) -> dict:
     """Encode the split's queries and corpus, score every mode; writes summary.json and reports."""
-    from raylib.beir import load_beir
     from raylib.evaluation import evaluate_encoder
     from raylib.model import Encoder
 
-    if is_s3(cfg.data):
-        raise ValueError(f"data must be a local BEIR dir (got {cfg.data})")
     start = time.time()
     if cfg.backend == "torch":
         encoder = Encoder.from_pretrained(cfg.model)
@@ -65,7 +78,7 @@ def run(cfg: EvaluateConfig) -> dict:
         from raylib.onnx_backend import load_encoder
 
         encoder = load_encoder(cfg.model, cfg.backend)
-    data = load_beir(cfg.data, cfg.split)
+    data = _load_data(cfg.data, cfg.split)
     print(f"[evaluate] {len(data.queries)} queries, {len(data.corpus)} documents", file=sys.stderr)
     results = evaluate_encoder(encoder, data, cfg.modes, cfg.dims, cfg.quantization,
                                batch_size=cfg.batch_size, show_progress=True)
