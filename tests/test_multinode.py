@@ -168,15 +168,22 @@ def run_pipeline(cluster: dict, s3: dict, cwd: Path, cache: Path, *sets: str) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def listing(uri: str) -> set[str]:
-    """Relative paths of the files under an s3:// prefix."""
+def listing(uri: str) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of the files under an s3:// prefix."""
     import pyarrow.fs as pafs
 
     from raylib.storage import filesystem_for
 
     fs, inner = filesystem_for(uri)
-    return {i.path[len(inner) + 1:] for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-            if i.type == pafs.FileType.File}
+    return {i.path[len(inner) + 1:]: (i.size, i.mtime_ns) for i in fs.get_file_info(
+        pafs.FileSelector(inner, recursive=True)) if i.type == pafs.FileType.File}
+
+
+def scratch_dir(location: str) -> Path:
+    """Rank 0's node-local scratch dir the pipeline gives a training stage on s3://."""
+    from raylib.jobs.pipeline import training_location
+
+    return Path(training_location(location, "finetune")[-1].split("=", 1)[1])
 
 
 def serve_deploy(cluster: dict, s3: dict, model: str, cache: Path, tmp_path: Path) -> str:
@@ -204,6 +211,7 @@ def serve_deploy(cluster: dict, s3: dict, model: str, cache: Path, tmp_path: Pat
     return base
 
 
+@pytest.mark.timeout(1800)  # about 4 min on a quiet 2-core host; far longer when it is shared
 def test_pipeline_on_three_nodes_everything_on_s3(cluster, s3, tmp_path):
     from raylib.model import Encoder
     from raylib.storage import copy_tree, read_text
@@ -222,7 +230,7 @@ def test_pipeline_on_three_nodes_everything_on_s3(cluster, s3, tmp_path):
     files = listing(run)
     for stage in ("filter", "mine", "checkpoints/finetune", "evaluate/before", "evaluate/after", ""):
         assert f"{stage}/summary.json".lstrip("/") in files, (stage, sorted(files))
-    assert {f"stages/{s}.json" for s in ("filter", "mine", "finetune")} <= files
+    assert {f"stages/{s}.json" for s in ("filter", "mine", "finetune")} <= files.keys()
     assert any(f.startswith("filter/kept/") and f.endswith(".parquet") for f in files)
     assert any(f.startswith("mine/mined/") and f.endswith(".parquet") for f in files)
     assert json.loads(read_text(f"{run}/summary.json")) == first
@@ -236,16 +244,21 @@ def test_pipeline_on_three_nodes_everything_on_s3(cluster, s3, tmp_path):
     assert finetune["curves"] == f"{run}/checkpoints/finetune/curves.png"
     assert {"metrics.jsonl", "curves.png"} <= {f.rsplit("/", 1)[-1] for f in files
                                                if f.startswith("checkpoints/finetune/")}
-    assert {"config.json", "raylib_settings.json"} <= listing(checkpoint)
+    assert {"config.json", "raylib_settings.json"} <= listing(checkpoint).keys()
     for tag in ("before", "after"):
         assert 0 <= first["evaluate"][tag]["dense"]["ndcg@10"] <= 1
 
-    # a second run finds every stage's marker in the bucket and runs none of them
+    # a second run finds every stage's marker in the bucket and runs none of them: the bucket
+    # changes in nothing but the pipeline's own summary (no stage log, output or summary rewritten)
     second = run_pipeline(cluster, s3, driver, cache, *sets)
     assert {name: s["skipped"] for name, s in second["stages"].items()} == \
         {"filter": True, "mine": True, "finetune": True}
     assert second["model"] == checkpoint and second["evaluate"] == first["evaluate"]
+    after = listing(run)
+    assert after.keys() == files.keys()
+    assert {f for f in files if after[f] != files[f]} <= {"summary.json"}
     assert list(driver.iterdir()) == []
+    shutil.rmtree(scratch_dir(f"{run}/checkpoints/finetune"), ignore_errors=True)
 
     # the finetuned checkpoint, deployed from its s3:// URI, answers an OpenAI-style request
     base = serve_deploy(cluster, s3, checkpoint, cache, tmp_path)
