@@ -71,7 +71,8 @@ class CheckpointSection:
     name: str = "pretrain"
     every_steps: int = 100
     num_to_keep: int = 2
-    local_dir: str = "runs"     # metrics.jsonl and the PNG when storage_path is remote
+    local_dir: str = ""         # rank 0's scratch for metrics.jsonl when storage_path is remote
+                                # ("": a node-local temp dir; published to storage at the end)
 
 
 @dataclass

@@ -180,10 +180,12 @@ def listing(uri: str) -> dict[str, tuple[int, int]]:
 
 
 def scratch_dir(location: str) -> Path:
-    """Rank 0's node-local scratch dir the pipeline gives a training stage on s3://."""
-    from raylib.jobs.pipeline import training_location
+    """Rank 0's node-local scratch dir of a training stage on s3:// (a temp dir, not the cwd)."""
+    from raylib.ray_train.loop import run_dir
+    from raylib.train_config import CheckpointSection, TrainJobConfig
 
-    return Path(training_location(location, "finetune")[-1].split("=", 1)[1])
+    storage, name = location.rsplit("/", 1)
+    return run_dir(TrainJobConfig(checkpoint=CheckpointSection(storage_path=storage, name=name)))
 
 
 def serve_deploy(cluster: dict, s3: dict, model: str, cache: Path, tmp_path: Path) -> str:

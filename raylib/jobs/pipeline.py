@@ -16,7 +16,6 @@ placeholders {workdir}, {model}, {curation_model}, {pairs}, {filtered}, {mined},
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -80,14 +79,8 @@ class PipelineConfig:
 
 
 def training_location(loc: str, name: str) -> list[str]:
-    """The --set items of a training stage: checkpoints, metrics and curves under `loc`; with an
-    s3:// workdir, rank 0's scratch copy of metrics.jsonl goes to a node-local temp dir (it is
-    published to `loc` at the end) instead of `runs/` under the driver's working directory."""
-    items = [f"checkpoint.storage_path={loc.rsplit('/', 1)[0]}", f"checkpoint.name={name}"]
-    if is_s3(loc):
-        run_id = hashlib.sha1(loc.encode()).hexdigest()[:12]
-        items.append(f"checkpoint.local_dir={Path(tempfile.gettempdir()) / 'raylib-runs' / run_id}")
-    return items
+    """The --set items of a training stage: checkpoints, metrics and curves under `loc`."""
+    return [f"checkpoint.storage_path={loc.rsplit('/', 1)[0]}", f"checkpoint.name={name}"]
 
 
 # stage -> (placeholder its result fills, the --set items that put its output under workdir)

@@ -14,6 +14,7 @@ plain PyTorch and is pickled to the workers as it is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -41,9 +42,16 @@ def is_remote(path: str) -> bool:
 
 def run_dir(cfg: TrainJobConfig) -> Path:
     """Rank 0's working directory for metrics.jsonl (published to storage by `fit` at the end; each
-    checkpoint carries a copy) and the test switches' logs."""
-    base = cfg.checkpoint.local_dir if is_remote(cfg.checkpoint.storage_path) else cfg.checkpoint.storage_path
-    return Path(base).expanduser().resolve() / cfg.checkpoint.name
+    checkpoint carries a copy) and the test switches' logs: the run's own directory on local
+    storage; with remote storage `checkpoint.local_dir`, or by default a node-local temp dir named
+    for the run (never the driver's working directory: rank 0 may run on another node)."""
+    c = cfg.checkpoint
+    if not is_remote(c.storage_path):
+        return Path(c.storage_path).expanduser().resolve() / c.name
+    if c.local_dir:
+        return Path(c.local_dir).expanduser().resolve() / c.name
+    run_id = hashlib.sha1(f"{c.storage_path.rstrip('/')}/{c.name}".encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "raylib-runs" / run_id / c.name
 
 
 # ----------------------------------------------------------------------------- model pieces
@@ -329,8 +337,7 @@ def fit(cfg: TrainJobConfig, objective: Any) -> dict:
     counts = {source: v["rows"] for source, v in manifest["sources"].items()}
     plan = make_plan(counts, cfg.data.global_batch_size, s.num_workers, cfg.data.seed, cfg.data.epochs,
                      cfg.train.max_steps, cfg.data.source_batch_sizes)
-    out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_dir(cfg)  # created by rank 0 on its node
     storage, storage_fs = cfg.checkpoint.storage_path, None
     if is_remote(storage):  # raylib's S3 filesystem: AWS_ENDPOINT_URL and single-part writes
         storage_fs, storage = filesystem_for(storage)
