@@ -325,7 +325,7 @@ class OnnxEncoder(BaseEncoder):
         return dict(zip(names, values))
 
 
-def load_encoder(name_or_path: str | os.PathLike, backend: str = "torch",
+def load_encoder(name_or_path: "str | os.PathLike | ModelSpec", backend: str = "torch",
                  device: str | None = None, threads: int | None = None) -> BaseEncoder:
     """An encoder for `backend` in BACKENDS; `threads` sets intra-op threads (None: library
     default). ONNX backends export beside the model on first use."""
@@ -341,4 +341,10 @@ def load_encoder(name_or_path: str | os.PathLike, backend: str = "torch",
         return TorchEncoder(Encoder.from_pretrained(name_or_path, device=device))
     if device not in (None, "cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda for ONNX backends, got {device!r}")
-    return OnnxEncoder(name_or_path, backend, threads)
+    from raylib.model import ModelSpec
+
+    spec = ModelSpec.of(name_or_path)
+    if spec != ModelSpec(spec.name_or_path):
+        raise ValueError(f"{backend}: a model spec's overrides (pooling, prefixes, trust_remote_code) "
+                         f"are supported by the torch backend only; got {spec}")
+    return OnnxEncoder(spec.name_or_path, backend, threads)

@@ -41,6 +41,7 @@ from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raylib.model import ModelSpec
 from serve.schemas import (AutoscalingArgs, EmbeddingsRequest, EncodeRequest, RerankRequest,  # noqa: F401
                            RerankWeights, ServeArgs)
 
@@ -389,7 +390,7 @@ class Ingress:
             EncoderDeployment.func_or_class(args))
         self.api_key = self.args.api_key or os.environ.get(API_KEY_ENV) or None
         self.model_name = self.args.served_model_name or os.path.basename(
-            os.path.normpath(self.args.model))
+            os.path.normpath(ModelSpec.of(self.args.model).name_or_path))
         self.stats = _Stats()
         self.in_flight = 0
         self._info: Optional[dict] = None
@@ -434,7 +435,8 @@ class Ingress:
         return out
 
     def check_model(self, model: Optional[str]) -> None:
-        if model is not None and model not in (self.model_name, self.args.model):
+        named = ModelSpec.of(self.args.model).name_or_path
+        if model is not None and model not in (self.model_name, named):
             raise APIError(404, f"The model '{model}' does not exist; this server serves "
                                 f"'{self.model_name}'.", "model", "model_not_found")
 

@@ -4,6 +4,8 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from raylib.model import ModelSpec
+
 
 # Numbers in requests: finite and in a range whose float32 arithmetic stays finite.
 Bound = Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]
@@ -25,7 +27,9 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field("minilm", description="a raylib model name (minilm, me5-small) or a local dir")
+    model: Union[str, ModelSpec] = Field(
+        "minilm", description="a raylib model name (minilm, me5-small), a local or s3:// dir, or a "
+        "ModelSpec mapping (pooling, prefixes, trust_remote_code: false by default)")
     served_model_name: Optional[str] = Field(None, description="name in /v1/models; default: model")
     max_length: Optional[int] = Field(None, ge=8, description="token cap; default: the model's")
     backend: Literal["torch", "onnx", "onnx-int8"] = Field(

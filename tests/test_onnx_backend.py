@@ -115,3 +115,19 @@ def test_evaluate_encoder_takes_an_onnx_backend(tiny_dir):
     want = evaluate_encoder(load_encoder(tiny_dir, "torch", device="cpu"), data)
     got = evaluate_encoder(load_encoder(tiny_dir, "onnx"), data)
     assert got["dense"] == pytest.approx(want["dense"], abs=1e-6)
+
+
+def test_serve_args_take_a_model_spec_and_onnx_refuses_its_overrides(tiny_dir):
+    from raylib.model import ModelSpec
+    from raylib.onnx_backend import load_encoder
+    from serve.schemas import ServeArgs
+
+    args = ServeArgs.model_validate({"model": {"name_or_path": str(tiny_dir), "pooling": "mean",
+                                               "trust_remote_code": False}})
+    assert isinstance(args.model, ModelSpec) and args.model.pooling == "mean"
+    assert ServeArgs.model_validate(args.model_dump()).model == args.model  # as replicas get it
+    assert ServeArgs.model_validate({"model": "minilm"}).model == "minilm"
+    torch_encoder = load_encoder(args.model, "torch")
+    assert torch_encoder.settings.pooling == "mean"
+    with pytest.raises(ValueError, match="torch backend only"):
+        load_encoder(args.model, "onnx")
