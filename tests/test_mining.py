@@ -307,7 +307,7 @@ def test_mine_job_plans_shards_from_its_index_budget():
     cfg = MineJobConfig()
     assert index_budget(cfg) == M.IndexBudget()  # no budget given: the count-based plan
     assert shard_plan(cfg, 2_500_000, 384).num_shards == M.num_shards(2_500_000, cfg.max_docs_per_shard)
-    cfg.index = {"memory_bytes": 80 * GB, "dtype": "fp16"}  # the `index:` section of mine/h100.yaml
+    cfg.index = M.IndexBudget(memory_bytes=80 * GB, dtype="fp16")  # the `index:` section of mine/h100.yaml
     cfg.max_docs_per_shard = None
     cfg.resources.shard_num_gpus, cfg.resources.mine_batch_size = 1, 4096
     plan = shard_plan(cfg, 20_000_000, 1024)
