@@ -475,16 +475,8 @@ class Encoder(nn.Module):
                 vecs = out["multivector"].float().cpu().numpy()
                 multi_out.extend(vecs[j, : int(n)] for j, n in enumerate(lengths.tolist()))
         self.train(was_training)
-        inverse = np.argsort(order)
-        result: dict[str, Any] = {}
-        if dense:
-            emb = np.concatenate(dense_out)[inverse].astype(np.float32)
-            result["dense"] = truncate_dims(emb, dim) if dim else emb
-        if sparse:
-            result["sparse"] = [sparse_out[i] for i in inverse]
-        if multivector:
-            result["multivector"] = [multi_out[i] for i in inverse]
-        return result
+        return unsort_outputs(order, dense_out if dense else None, sparse_out if sparse else None,
+                              multi_out if multivector else None, dim)
 
     def encode_dense(self, texts: str | Sequence[str], kind: Kind = "document", **kwargs: Any) -> np.ndarray:
         """Shorthand for encode(...)["dense"]."""
@@ -501,6 +493,24 @@ def _sparse_dicts(input_ids: torch.Tensor, weights: torch.Tensor) -> list[dict[i
                 row[token] = weight
         out.append(row)
     return out
+
+
+def unsort_outputs(order: np.ndarray, dense_out: list[np.ndarray] | None,
+                   sparse_out: list[dict] | None, multi_out: list[np.ndarray] | None,
+                   dim: int | None = None) -> dict[str, Any]:
+    """Put per-batch outputs of length-sorted texts (`order`) back in input order: dense [n, H]
+    float32 (truncated to `dim`), sparse dicts, multi-vectors [L_i, H'] float32; None for a head
+    that was not asked for. Shared by the torch Encoder and the ONNX backend."""
+    inverse = np.argsort(order)
+    result: dict[str, Any] = {}
+    if dense_out is not None:
+        emb = np.concatenate(dense_out)[inverse].astype(np.float32)
+        result["dense"] = truncate_dims(emb, dim) if dim else emb
+    if sparse_out is not None:
+        result["sparse"] = [sparse_out[i] for i in inverse]
+    if multi_out is not None:
+        result["multivector"] = [np.ascontiguousarray(multi_out[i], np.float32) for i in inverse]
+    return result
 
 
 def truncate_dims(emb: np.ndarray | torch.Tensor, dim: int) -> Any:

@@ -77,7 +77,7 @@ class BaseEncoder:
                         batch_size: int = 64, show_progress: bool = False,
                         desc: str = "encode") -> dict[str, Any]:
         """Encode already tokenized texts (length-sorted batches); outputs as Encoder.encode."""
-        from raylib.model import truncate_dims
+        from raylib.model import unsort_outputs
 
         ids = input_ids
         if len(ids) == 0:
@@ -112,17 +112,8 @@ class BaseEncoder:
                 sparse_out.extend(sparse_dicts(input_ids, out["sparse"] * keep))
             if multivector:
                 multi_out.extend(out["multivector"][j, :len(r) - 1] for j, r in enumerate(rows))
-        inverse = np.argsort(order)
-        result: dict[str, Any] = {}
-        if dense:
-            emb = np.concatenate(dense_out)[inverse].astype(np.float32)
-            result["dense"] = truncate_dims(emb, dim) if dim else emb
-        if sparse:
-            result["sparse"] = [sparse_out[i] for i in inverse]
-        if multivector:
-            result["multivector"] = [np.ascontiguousarray(multi_out[i], np.float32)
-                                     for i in inverse]
-        return result
+        return unsort_outputs(order, dense_out if dense else None, sparse_out if sparse else None,
+                              multi_out if multivector else None, dim)
 
     def encode(self, texts: str | Sequence[str], kind: str = "document", dense: bool = True,
                sparse: bool = False, multivector: bool = False, dim: int | None = None,
