@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from raylib.config import parse_job_args
+from raylib.jobs.summary import config_errors_exit
 from raylib.objectives.finetune import FinetuneObjective, LengthGroupingSection
 from raylib.train_config import CheckpointSection, TrainJobConfig
 
@@ -64,11 +65,7 @@ def run(cfg: FinetuneJobConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = parse_job_args(FinetuneJobConfig, __doc__.split("\n")[0], argv)
-    try:
-        return run(cfg)
-    except ValueError as e:
-        raise SystemExit(f"config error: {e}") from None
+    return config_errors_exit(run, parse_job_args(FinetuneJobConfig, __doc__.split("\n")[0], argv))
 
 
 if __name__ == "__main__":

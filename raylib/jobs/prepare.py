@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from raylib.config import parse_job_args
+from raylib.jobs.summary import config_errors_exit
 from raylib.train_config import ModelSection
 
 MANIFEST = "manifest.json"
@@ -160,11 +161,7 @@ def run(cfg: PrepareConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    cfg = parse_job_args(PrepareConfig, __doc__.split("\n")[0], argv)
-    try:
-        return run(cfg)
-    except ValueError as e:
-        raise SystemExit(f"config error: {e}") from None
+    return config_errors_exit(run, parse_job_args(PrepareConfig, __doc__.split("\n")[0], argv))
 
 
 if __name__ == "__main__":

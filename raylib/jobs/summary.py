@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from raylib.storage import join, read_text, write_text
 
@@ -29,6 +29,15 @@ def finish(job: str, summary: dict[str, Any], output: str, lines: list[str]) -> 
     sys.stderr.flush()
     print(text, flush=True)
     return summary
+
+
+def config_errors_exit(run: Callable[[Any], dict], cfg: Any) -> dict:
+    """`run(cfg)`, with a ValueError (a user error in the config or its data) ending the process
+    as `config error: ...` instead of a traceback."""
+    try:
+        return run(cfg)
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}") from None
 
 
 def read_summary(output: str) -> dict[str, Any]:
