@@ -165,25 +165,31 @@ def start_infinity(venv: Path, model_dir: str, port: int, batch: int, log: Path,
     return proc, None
 
 
+def config_args() -> dict:
+    """The application args of serve/config.yaml: the benchmark serves what users deploy."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    return dict(config["applications"][0]["args"])
+
+
 def deploy_backends(args, port: int) -> dict[str, str]:
-    """One app per backend at /<backend> on the same Serve instance; returns their URLs."""
+    """One app per backend at /<backend> on the same Serve instance, with serve/config.yaml's
+    args (colocate, capacity) and this run's model, batch size and threads; returns their URLs."""
     from ray import serve
 
     from serve.app import app
 
+    base = {**config_args(), "model": args.model, "max_batch_size": args.max_batch_size,
+            "num_cpus": 1, "torch_threads": args.threads,
+            "max_ongoing_requests": max(64, args.max_batch_size)}
+    variants = {b: {**base, "backend": b} for b in args.backends}
+    if args.split:  # torch with the model in its own Encoder deployment (one gRPC hop more)
+        variants["split"] = {**base, "backend": "torch", "colocate": False}
     urls = {}
-    for backend in args.backends:
-        serve.run(app({"model": args.model, "max_batch_size": args.max_batch_size, "num_cpus": 1,
-                       "torch_threads": args.threads, "backend": backend,
-                       "max_ongoing_requests": max(64, args.max_batch_size)}),
-                  name=f"bench-{backend}", route_prefix=f"/{backend}")
-        urls[backend] = f"http://127.0.0.1:{port}/{backend}/v1/embeddings"
-    if args.colocate:  # the same torch app with the model inside the ingress (one hop fewer)
-        serve.run(app({"model": args.model, "max_batch_size": args.max_batch_size, "num_cpus": 1,
-                       "torch_threads": args.threads, "backend": "torch", "colocate": True,
-                       "max_ongoing_requests": max(64, args.max_batch_size)}),
-                  name="bench-colocated", route_prefix="/colocated")
-        urls["colocated"] = f"http://127.0.0.1:{port}/colocated/v1/embeddings"
+    for name, app_args in variants.items():
+        serve.run(app(app_args), name=f"bench-{name}", route_prefix=f"/{name}")
+        urls[name] = f"http://127.0.0.1:{port}/{name}/v1/embeddings"
     return urls
 
 
@@ -247,14 +253,14 @@ def ratios(report: dict, backends: list[str], concurrency: list[int]) -> dict:
             for b in backends:
                 if b != "torch":
                     r[f"{b}_vs_torch_throughput"] = round(served[b][key]["texts_per_s"] / tps, 3)
-        if "colocated" in served and "torch" in local:
-            col = served["colocated"][key]
-            r["colocated_vs_in_process_throughput"] = round(
+        if "split" in served and "torch" in local:
+            col = served["split"][key]
+            r["split_vs_in_process_throughput"] = round(
                 col["texts_per_s"] / local["torch"][key]["texts_per_s"], 3)
-            r["colocated_p50_minus_in_process_ms"] = round(
+            r["split_p50_minus_in_process_ms"] = round(
                 col["p50_ms"] - local["torch"][key]["p50_ms"], 1)
             if isinstance(report.get("infinity"), dict):
-                r["colocated_vs_infinity_throughput"] = round(
+                r["split_vs_infinity_throughput"] = round(
                     col["texts_per_s"] / report["infinity"][key]["texts_per_s"], 3)
         for b in backends:
             r[f"{b}_serve_vs_in_process_throughput"] = round(
@@ -281,8 +287,11 @@ def main() -> None:
     p.add_argument("--load-valid", type=int, default=2000)
     p.add_argument("--load-bad", type=int, default=500)
     p.add_argument("--load-max-chars", type=int, default=80, help="short texts: robustness run")
-    p.add_argument("--colocate", action="store_true",
-                   help="also serve torch with the model inside the ingress (serve/colocated)")
+    p.add_argument("--split", action="store_true",
+                   help="also serve torch with the model in its own Encoder deployment (serve/split)")
+    p.add_argument("--serve-proxy", action="store_true",
+                   help="Serve's Python HTTP proxy instead of HAProxy + direct ingress "
+                        "(serve.app.FAST_INGRESS_ENV): the slower path, for comparison")
     p.add_argument("--no-infinity", action="store_true")
     p.add_argument("--infinity-venv", default="../venvs/infinity",
                    help="relative paths are taken from the repository root")
@@ -294,6 +303,7 @@ def main() -> None:
     from raylib.jobs.ray_env import init_ray
     from raylib.onnx_backend import BACKENDS, load_encoder
     from raylib.registry import resolve_model_path
+    from serve.app import start_serve
 
     unknown = set(args.backends) - set(BACKENDS)
     if unknown:
@@ -314,15 +324,8 @@ def main() -> None:
         start_infinity_for(args, model_dir)
     init_ray(num_cpus=8, log_to_driver=False)
     port = free_port()
-    for attempt in range(3):  # the proxy must start within 60 s: not always so on a busy box
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            break
-        except Exception as exc:  # noqa: BLE001 - reported, then retried
-            print(f"serve.start attempt {attempt + 1} failed: {type(exc).__name__}", flush=True)
-            serve.shutdown()
-    else:
-        raise RuntimeError("Serve did not start in 3 attempts")
+    start_serve(port=port, fast_ingress=not args.serve_proxy, drain_s=1)
+    report["ingress"] = "serve-proxy" if args.serve_proxy else "haproxy-direct"
     try:
         urls = deploy_backends(args, port)
         contenders = {f"serve/{b}": u for b, u in urls.items()}

@@ -1,7 +1,8 @@
 """Where one request's time goes at 1 client: p50 of each layer of the serving path, for the
 current app and (with --rev) the app of an older commit, in the same run on the same model.
 
-    python bench/serve_profile.py --model minilm --requests 100 --rev 9fe55b1
+    python bench/serve_profile.py --model minilm --requests 100 --colocate
+    python bench/serve_profile.py --model minilm --requests 100 --serve-proxy   # the old ingress
 
 Layers, each measured by itself (p50 over --requests sequential calls of one SciFact text):
   in_process      encoder.encode of the text in this process (the model alone)
@@ -9,7 +10,9 @@ Layers, each measured by itself (p50 over --requests sequential calls of one Sci
                   model, no HTTP, no ingress)
   health          GET /health (HTTP + proxy + ingress hop, no model)
   embeddings      POST /v1/embeddings (the whole path)
-  ingress_json    pydantic parse + JSON render of one 384-d answer, in this process
+  ingress_json    pydantic parse + JSON render (orjson) of one 384-d answer, in this process
+Variants: `current` (Ingress + Encoder deployments), `colocated` (--colocate: the model in the
+ingress, as serve/config.yaml deploys it); HAProxy + direct ingress unless --serve-proxy.
 Last stdout line: one JSON object with the p50s and the differences between layers.
 """
 
@@ -75,13 +78,23 @@ def profile_app(build, label: str, args, text: str, port: int) -> dict:
     serve.run(build({"model": args.model, "num_cpus": 1, "torch_threads": args.threads,
                      "batch_wait_timeout_s": args.batch_wait}), name=label, route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    handle = serve.get_deployment_handle("Encoder", app_name=label)
     item = {"texts": [text], "kind": "document", "dense": True}
     out = {}
     with httpx.Client(base_url=base, timeout=60) as c:
         out["embeddings"] = p50(lambda: c.post("/v1/embeddings", json={"input": text}), args.requests)
         out["health"] = p50(lambda: c.get("/health"), args.requests)
-    out["handle"] = p50(lambda: handle.encode.remote(item).result(), args.requests)
+    # Awaited on one event loop: a handle whose router shares the caller's loop
+    # (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0) cannot be used from sync code.
+    if label == "colocated":  # no Encoder deployment: the model is in the ingress
+        serve.delete(label)
+        return out
+    handle = serve.get_deployment_handle("Encoder", app_name=label)
+    loop = asyncio.new_event_loop()
+
+    async def call():
+        return await handle.encode.remote(item)
+    out["handle"] = p50(lambda: loop.run_until_complete(call()), args.requests)
+    loop.close()
     serve.delete(label)
     return out
 
@@ -93,6 +106,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-wait", type=float, default=0.0,
                    help="batch_wait_timeout_s for the current app (the old default was 0.005)")
+    p.add_argument("--serve-proxy", action="store_true",
+                   help="Serve's Python HTTP proxy instead of HAProxy + direct ingress")
+    p.add_argument("--colocate", action="store_true",
+                   help="also profile the app with the model inside the ingress (one hop fewer)")
     p.add_argument("--rev", default=None, help="also profile serve/app.py of this git revision")
     args = p.parse_args()
 
@@ -101,7 +118,7 @@ def main() -> None:
     from raylib.beir import document_text
     from raylib.jobs.ray_env import init_ray
     from raylib.onnx_backend import load_encoder
-    from serve.app import app
+    from serve.app import FastJSONResponse, app, start_serve
     from serve.schemas import EmbeddingsRequest
 
     corpus = ROOT / ".." / "shared" / "data" / "scifact" / "corpus.jsonl"
@@ -119,11 +136,13 @@ def main() -> None:
 
     def parse_render():
         EmbeddingsRequest.model_validate_json(body)
-        json.dumps({"data": [{"embedding": vec.tolist()}]}, separators=(",", ":"))
+        FastJSONResponse({"data": [{"embedding": vec}]})
     report["ingress_json"] = p50(parse_render, args.requests)
     del enc
 
     variants = {"current": app}
+    if args.colocate:
+        variants["colocated"] = lambda a: app({**a, "colocate": True})
     tmp = tempfile.TemporaryDirectory()
     if args.rev:
         old = load_module(old_app_module(args.rev, Path(tmp.name)), Path(tmp.name))
@@ -135,7 +154,8 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(port=port, fast_ingress=not args.serve_proxy, drain_s=1)
+    report["ingress"] = "serve-proxy" if args.serve_proxy else "haproxy-direct"
     for label, build in variants.items():
         try:
             res = profile_app(build, label, args, text, port)

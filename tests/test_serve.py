@@ -39,18 +39,11 @@ def server(ray_session, tiny_dir, tmp_path_factory):
     from ray import serve
 
     from raylib.tiny import save_tiny_encoder
-    from serve.app import app
+    from serve.app import app, start_serve
 
     plain_dir = save_tiny_encoder(tmp_path_factory.mktemp("tiny_plain") / "model", m3_heads=False)
     port = _free_port()
-    for attempt in range(3):  # the proxy must be up within 60 s; a busy 2-core box can miss that
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            break
-        except Exception:  # noqa: BLE001 - retried, then re-raised
-            serve.shutdown()
-            if attempt == 2:
-                raise
+    start_serve(port=port, drain_s=1)  # the shipped fast ingress (HAProxy + direct ingress)
     for backend, prefix in BACKENDS.items():
         serve.run(app({"model": str(tiny_dir), "served_model_name": "tiny", "num_cpus": 0.25,
                        "max_batch_size": 8, "batch_wait_timeout_s": 0.02, "api_key": API_KEY,
@@ -441,6 +434,7 @@ def test_deploy_configs_validate():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
+    from serve.app import FAST_INGRESS_ENV
     from serve.schemas import ServeArgs
 
     root = Path(__file__).resolve().parents[1]
@@ -449,6 +443,19 @@ def test_deploy_configs_validate():
         ServeDeploySchema.model_validate(config)
         args = ServeArgs.model_validate(config["applications"][0]["args"])
         assert args.max_ongoing_requests >= args.max_batch_size
+        # the fast ingress the tests and benches start (start_serve) is what the configs deploy
+        env = config["controller_options"]["runtime_env"]["env_vars"]
+        assert FAST_INGRESS_ENV.items() <= env.items(), name
     gpu = ServeArgs.model_validate(yaml.safe_load((root / "serve" / "config_gpu.yaml").read_text())
                                    ["applications"][0]["args"])
     assert gpu.num_gpus > 0 and gpu.backend == "torch"
+
+
+def test_http_port_is_haproxy_in_front_of_direct_ingress_replicas(server):
+    """start_serve's mode is live: an HAProxyManager actor runs and the port answers /health,
+    while Serve's Python proxy actor is not in the request path (no HAProxy, no fast ingress)."""
+    from ray.util.state import list_actors
+
+    alive = {a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)}
+    assert "HAProxyManager" in alive, sorted(alive)
+    assert httpx.get(server["base"] + "/health", timeout=30).status_code == 200
