@@ -143,7 +143,8 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
     return f"not ready after {timeout_s:.0f} s"
 
 
-def start_infinity(venv: Path, model_dir: str, port: int, batch: int, log: Path, threads: int):
+def start_infinity(venv: Path, model_dir: str, port: int, batch: int, log: Path, threads: int,
+                   niceness: int):
     """infinity_emb v2 serving the same model dir on CPU; (process, None) or (None, reason)."""
     exe = venv / "bin" / "infinity_emb"
     if not exe.exists():
@@ -156,7 +157,8 @@ def start_infinity(venv: Path, model_dir: str, port: int, batch: int, log: Path,
            "--port", str(port), "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu",
            "--batch-size", str(batch), "--url-prefix", "/v1", "--no-bettertransformer"]
     out = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=lambda: os.nice(niceness))
     err = wait_http(f"http://127.0.0.1:{port}/health", 300, proc)  # not under --url-prefix
     if err:
         proc.kill()
@@ -221,11 +223,24 @@ def start_infinity_for(args, model_dir: str):
     log = Path(tempfile.gettempdir()) / f"infinity_bench_{port}.log"
     venv = Path(args.infinity_venv)
     venv = venv if venv.is_absolute() else ROOT / venv
-    proc, why = start_infinity(venv, model_dir, port, args.max_batch_size, log, args.threads)
+    proc, why = start_infinity(venv, model_dir, port, args.max_batch_size, log, args.threads,
+                               args.niceness)
     if proc is None:
         print(f"infinity not run: {why}", flush=True)
         return None, f"not run: {why}"
     return proc, f"http://127.0.0.1:{port}/v1/embeddings"
+
+
+def ray_worker_niceness() -> int:
+    """The niceness Ray gives its worker processes, the Serve replicas among them
+    (RAY_worker_niceness, 15 by default, so that its control plane keeps priority)."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=0)(_niceness).remote())
+
+
+def _niceness() -> int:
+    return os.nice(0)
 
 
 def best_round(runs: list[dict]) -> dict:
@@ -277,7 +292,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     p.add_argument("--texts-per-request", type=int, default=1)
     p.add_argument("--max-chars", type=int, default=300)
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="texts per forward in every contender; default: serve/config.yaml's")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads in every contender (1 is fastest on a shared 2-core box)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
@@ -297,6 +313,7 @@ def main() -> None:
                    help="relative paths are taken from the repository root")
     args = p.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
+    args.max_batch_size = args.max_batch_size or config_args()["max_batch_size"]
 
     from ray import serve
 
@@ -314,15 +331,20 @@ def main() -> None:
     bodies = [{"input": texts[i * k:(i + 1) * k], "model": args.model} for i in range(n_req)]
     report: dict = {"model": args.model, "backends": args.backends, "requests": n_req,
                     "texts_per_request": k, "max_chars": args.max_chars, "threads": args.threads,
+                    "max_batch_size": args.max_batch_size,
                     "cpus": os.cpu_count(), "loadavg_start": round(os.getloadavg()[0], 1)}
 
     # Every contender is up at once and they take turns, level by level, for --rounds rounds:
     # on a shared box the load drifts over minutes, and turns keep the ratios same-moment.
     encoders = {b: load_encoder(model_dir, b, device="cpu", threads=args.threads)
                 for b in args.backends}
+    init_ray(num_cpus=8, log_to_driver=False)
+    # Same cores, same priority: infinity-emb runs at the niceness of our replicas (the load
+    # generator and the in-process baseline stay at this process's own).
+    args.niceness = ray_worker_niceness() - os.nice(0)
+    report["server_niceness"] = ray_worker_niceness()
     proc, infinity_url = (None, "skipped (--no-infinity)") if args.no_infinity else \
         start_infinity_for(args, model_dir)
-    init_ray(num_cpus=8, log_to_driver=False)
     port = free_port()
     start_serve(port=port, fast_ingress=not args.serve_proxy, drain_s=1)
     report["ingress"] = "serve-proxy" if args.serve_proxy else "haproxy-direct"

@@ -23,11 +23,11 @@ requests (`ingress_max_ongoing_requests`, same 503); Serve's own proxy-level lim
 import asyncio
 import base64
 import collections
-import concurrent.futures
 import hmac
 import logging
 import math
 import os
+import threading
 import time
 from typing import Any, Optional
 
@@ -114,13 +114,14 @@ class EncoderDeployment:
                                   device="cuda" if gpu else "cpu", threads=threads)
         self.max_length = self.args.max_length or self.model.settings.max_length
         self.device = self.model.device
-        self._queue: collections.deque = collections.deque()
-        self._arrived = asyncio.Event()
-        self._worker: Optional[asyncio.Task] = None
-        # one thread runs every forward: the model is never entered twice at once, and the same
-        # warm thread (not the next free one of asyncio's default pool) saves ~0.3 ms per batch
-        self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         self.batches = collections.Counter()  # batch size (texts) -> count, for /metrics
+        # Calls wait in _pending; one model thread takes them in batches and answers each on
+        # its caller's event loop. The thread takes its next batch itself as soon as a forward
+        # ends: no trip through the (busy) event loop between batches, so the model never idles
+        # while calls wait. One thread: the model is never entered twice at once.
+        self._pending: collections.deque = collections.deque()
+        self._arrived = threading.Condition()
+        threading.Thread(target=self._run_batches, name="model", daemon=True).start()
 
     def info(self) -> dict:
         """What the ingress needs to validate requests and describe the model."""
@@ -129,39 +130,42 @@ class EncoderDeployment:
     async def encode(self, item: dict) -> dict:
         """item = {texts, kind, dense, sparse, multivector, dim}; returns the outputs, or
         {"error", "status", "code"} for this call alone."""
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        self._arrived.set()
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._run_batches())
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._arrived:
+            self._pending.append((item, future, loop))
+            self._arrived.notify()
         return await future
 
-    async def _run_batches(self) -> None:
-        """Take waiting calls up to max_batch_size texts, encode them in a thread, repeat."""
-        limit, wait_s = self.args.max_batch_size, self.args.batch_wait_timeout_s
-        while self._queue:
-            if wait_s > 0 and _count_texts(self._queue) < limit:  # the model is idle: let it fill
-                deadline = time.monotonic() + wait_s
-                while _count_texts(self._queue) < limit and time.monotonic() < deadline:
-                    self._arrived.clear()
-                    try:
-                        await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())
-                    except asyncio.TimeoutError:
-                        break
-            batch = [self._queue.popleft()]
-            n = len(batch[0][0]["texts"])
-            while self._queue and n + len(self._queue[0][0]["texts"]) <= limit:
-                n += len(self._queue[0][0]["texts"])
-                batch.append(self._queue.popleft())
-            self.batches[n] += 1
+    def _run_batches(self) -> None:
+        """The model thread: take waiting calls up to max_batch_size texts, encode, answer."""
+        while True:
+            batch = self._next_batch()
             try:
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self._model_thread, self._encode_items, [b[0] for b in batch])
+                results = self._encode_items([item for item, _, _ in batch])
             except Exception as exc:  # noqa: BLE001 - never leave a caller waiting
                 results = [item_error(exc)] * len(batch)
-            for (_, future), result in zip(batch, results):
-                if not future.done():  # the caller may have gone
-                    future.set_result(result)
+            for (_, future, loop), result in zip(batch, results):
+                try:
+                    loop.call_soon_threadsafe(_answer, future, result)
+                except RuntimeError:  # the caller's event loop is closed: nobody waits
+                    pass
+
+    def _next_batch(self) -> list[tuple]:
+        """Block until a call waits; with batch_wait_timeout_s > 0 an idle model waits that
+        long for max_batch_size texts. The oldest call always goes next (no call starves); the
+        rest of the batch is the waiting calls closest to it in text length, so that little of
+        the forward is padding (17% of the tokens of FIFO batches of 8 SciFact texts)."""
+        limit, wait_s = self.args.max_batch_size, self.args.batch_wait_timeout_s
+        with self._arrived:
+            self._arrived.wait_for(lambda: self._pending)
+            if wait_s > 0:
+                deadline = time.monotonic() + wait_s
+                while _count_texts(self._pending) < limit and time.monotonic() < deadline:
+                    self._arrived.wait(deadline - time.monotonic())
+            batch = take_batch(self._pending, limit)
+        self.batches[_count_texts(batch)] += 1
+        return batch
 
     def _encode_items(self, items: list[dict]) -> list[dict]:
         """Group the batch by (kind, outputs), one forward per group; a group that fails is
@@ -235,9 +239,37 @@ def _cuda_available() -> bool:
         return False
 
 
-def _count_texts(items) -> int:
-    """Texts waiting in (item, future) pairs: a batch's size is its texts, not its calls."""
-    return sum(len(item["texts"]) for item, _ in items)
+def _count_texts(calls) -> int:
+    """Texts waiting in (item, future, loop) calls: a batch's size is its texts, not its calls."""
+    return sum(len(call[0]["texts"]) for call in calls)
+
+
+def take_batch(pending: collections.deque, limit: int) -> list:
+    """Remove and return the oldest call, then the waiting calls closest to it in text length,
+    up to `limit` texts (the oldest goes even when it alone has more). Calls are tuples whose
+    first element is the item {"texts": [...], ...}; the rest keep their order in `pending`."""
+    oldest = pending.popleft()
+    batch, n, anchor = [oldest], len(oldest[0]["texts"]), _longest(oldest)
+    for call in sorted(pending, key=lambda c: abs(_longest(c) - anchor)):
+        if n + len(call[0]["texts"]) <= limit:
+            n += len(call[0]["texts"])
+            batch.append(call)
+    if len(batch) > 1:
+        taken = {id(call) for call in batch}
+        kept = [call for call in pending if id(call) not in taken]
+        pending.clear()
+        pending.extend(kept)
+    return batch
+
+
+def _longest(call) -> int:
+    """Characters of the longest text of a call: its padded length in a batch, roughly."""
+    return max(len(t) for t in call[0]["texts"])
+
+
+def _answer(future: asyncio.Future, result: dict) -> None:
+    if not future.done():  # the caller may have gone
+        future.set_result(result)
 
 
 # Defined before the deployments that use them: @serve.deployment captures a class's globals

@@ -427,6 +427,38 @@ def test_one_bad_call_in_a_batch_never_fails_the_others(tiny_dir, reference):
         reference.encode(TEXTS[5:6], sparse=True)["sparse"][0], abs=1e-5)
 
 
+def test_take_batch_oldest_first_then_nearest_lengths_within_limit():
+    """Continuous batching's selection: the oldest call always goes (no starvation), the rest
+    are the calls nearest to it in length, never past max_batch_size texts, others keep order."""
+    import collections
+
+    from serve.app import take_batch
+
+    def call(name, *lengths):
+        return ({"texts": ["x" * n for n in lengths]}, name)
+
+    pending = collections.deque([call("old", 100), call("a", 10), call("b", 95), call("c", 300),
+                                 call("d", 104, 90), call("e", 99), call("f", 11)])
+    batch = take_batch(pending, limit=4)
+    assert [c[1] for c in batch] == ["old", "e", "d"]  # distances 1, 4 (2 texts); b's 5 is full
+    assert [c[1] for c in pending] == ["a", "b", "c", "f"]
+    assert [c[1] for c in take_batch(pending, limit=3)] == ["a", "f", "b"]
+    assert [c[1] for c in pending] == ["c"]
+    big = collections.deque([call("huge", *[5] * 9), call("g", 5)])
+    assert [c[1] for c in take_batch(big, limit=8)] == ["huge"] and len(big) == 1
+    # a random pool: every call is taken exactly once, oldest first each time, within the limit
+    rng = np.random.default_rng(0)
+    calls = [call(i, *rng.integers(1, 400, rng.integers(1, 4))) for i in range(200)]
+    pool, seen = collections.deque(calls), []
+    while pool:
+        oldest = pool[0][1]
+        batch = take_batch(pool, limit=8)
+        assert batch[0][1] == oldest
+        assert len(batch) == 1 or sum(len(c[0]["texts"]) for c in batch) <= 8
+        seen += [c[1] for c in batch]
+    assert sorted(seen) == list(range(200))
+
+
 def test_deploy_configs_validate():
     """serve/config.yaml and serve/config_gpu.yaml: Serve's deploy schema and our ServeArgs."""
     from pathlib import Path
