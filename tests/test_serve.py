@@ -1,8 +1,10 @@
 """Ray Serve app over real HTTP on loopback: OpenAI embeddings, /encode, /rerank, errors, auth,
-backpressure, and a bounded load test. Three apps share one Serve instance on a free port:
-`embed` (tiny BERT with M3 heads, API key, torch backend) at /, the same on the onnx-int8
-backend with the model inside the ingress (colocate) at /int8 (the API tests run against both), and `tight` (tiny model without heads, tiny
-capacity, onnx fp32 backend) at /tight."""
+backpressure, and a bounded load test. Three apps share one Serve instance on a free port, behind
+the shipped fast ingress (HAProxy + direct ingress, serve.app.start_serve): `embed` (tiny BERT
+with M3 heads, API key, torch backend, the model inside the ingress as serve/config.yaml deploys
+it) at /, the same on the onnx-int8 backend with the model in its own Encoder deployment (the
+ingress calls it over gRPC) at /int8 (the API tests run against both), and `tight` (tiny model
+without heads, tiny capacity, onnx fp32 backend, Encoder deployment) at /tight."""
 
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def server(ray_session, tiny_dir, tmp_path_factory):
         serve.run(app({"model": str(tiny_dir), "served_model_name": "tiny", "num_cpus": 0.25,
                        "max_batch_size": 8, "batch_wait_timeout_s": 0.02, "api_key": API_KEY,
                        "max_inputs_per_request": 16, "max_chars_per_input": 400,
-                       "backend": backend, "colocate": backend != "torch"}),
+                       "backend": backend, "colocate": backend == "torch"}),
                   name=f"embed-{backend}", route_prefix=prefix or "/")
     serve.run(app({"model": str(plain_dir), "served_model_name": "plain", "num_cpus": 0.25,
                    "max_batch_size": 8, "batch_wait_timeout_s": 0.5, "max_ongoing_requests": 2,
