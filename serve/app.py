@@ -3,11 +3,14 @@
     serve run serve.app:app model=minilm backend=onnx-int8     # from the repo root
     serve run serve/config.yaml          (CPU)        serve run serve/config_gpu.yaml   (H100)
 
-Two deployments: `Encoder` (one model per replica on the torch, onnx or onnx-int8 backend of
-raylib.onnx_backend; continuous batching by text count; GPU when num_gpus > 0) behind one
-FastAPI `Ingress` with an OpenAI-compatible /v1/embeddings, /encode, /rerank (BGE-M3 §3.2 fusion
-of dense, s_lex and s_mul scores, computed in the ingress), /v1/models, /health and /metrics.
-The model stays out of the ingress so that a lost Encoder replica is a retry, not a lost request.
+A FastAPI `Ingress` with an OpenAI-compatible /v1/embeddings, /encode, /rerank (BGE-M3 §3.2
+fusion of dense, s_lex and s_mul scores, computed in the ingress), /v1/models, /health and
+/metrics, and the `Encoder` (one model per replica on the torch, onnx or onnx-int8 backend of
+raylib.onnx_backend; continuous batching by text count; GPU when num_gpus > 0). With `colocate`
+(serve/config.yaml, CPU) the Encoder lives inside each ingress replica: one hop fewer. Otherwise
+(serve/config_gpu.yaml) it is a deployment of its own, called over gRPC, so that a lost Encoder
+replica is a retry, not a lost request. In front: HAProxy and direct ingress (start_serve,
+FAST_INGRESS_ENV), not Serve's Python proxy.
 
 Errors: every input error is a 4xx for its caller only: a batch whose forward fails is re-run
 call by call, and numbers in requests are checked for finiteness and range. A replica lost
@@ -16,7 +19,7 @@ mid-call is retried (encoding is idempotent), then answered 503 + Retry-After.
 Capacity: each Encoder replica takes `max_ongoing_requests` calls; each caller queues at most
 `max_queued_requests` more; beyond that the handle raises BackPressureError and the ingress
 answers 503 + Retry-After with an OpenAI-style JSON body. The ingress also caps its own in-flight
-requests (`ingress_max_ongoing_requests`, same 503); Serve's own proxy-level limit behind it
+requests (`ingress_max_ongoing_requests`, same 503); Serve's own replica-level limit behind it
 (4x that, plain-text 503 + Retry-After) is only a backstop.
 """
 
@@ -99,7 +102,7 @@ def item_error(exc: BaseException) -> dict:
 @serve.deployment(name="Encoder", health_check_period_s=10)
 class EncoderDeployment:
     """One encoder (torch, onnx or onnx-int8 backend) per replica. Calls from all clients are
-    batched by text count: a batch starts as soon as the model is free and takes every call
+    batched by text count: a batch starts as soon as the model is free and takes the calls
     waiting then (continuous batching: no wait at one client, full batches under load)."""
 
     def __init__(self, args: dict):
