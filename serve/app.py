@@ -30,6 +30,7 @@ import hmac
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from typing import Any, Optional
@@ -750,14 +751,21 @@ FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTI
 
 
 def start_serve(host: str = "127.0.0.1", port: int = 8000, fast_ingress: bool = True,
-                drain_s: Optional[float] = None, attempts: int = 3) -> None:
+                drain_s: Optional[float] = None, free_admin_ports: bool = True,
+                attempts: int = 3) -> None:
     """serve.start on host:port in the high-throughput mode (FAST_INGRESS_ENV) unless
     fast_ingress=False. drain_s: how long a stopping ingress replica keeps answering (Serve's
-    default 30 s; tests and benches that delete apps use ~1). The proxy must be up within 60 s,
-    which a busy 2-core box can miss: retried `attempts` times."""
+    default 30 s; tests and benches that delete apps use ~1). free_admin_ports: HAProxy's
+    Prometheus and stats listeners on free ports instead of Serve's fixed 9101 and 8404, so that
+    a second Serve on the host (or a stale HAProxy) does not stop this one from starting; False
+    where a monitoring setup scrapes the fixed ports. The proxy must be up within 60 s, which a
+    busy 2-core box can miss: retried `attempts` times."""
     env = dict(FAST_INGRESS_ENV) if fast_ingress else {}
     if fast_ingress and drain_s is not None:
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = str(drain_s)
+    if fast_ingress and free_admin_ports:
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_port())
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_port())
     options = {"controller_options": {"runtime_env": {"env_vars": env}}} if env else {}
     for attempt in range(attempts):
         try:
@@ -767,6 +775,13 @@ def start_serve(host: str = "127.0.0.1", port: int = 8000, fast_ingress: bool = 
             serve.shutdown()
             if attempt == attempts - 1:
                 raise
+
+
+def _free_port() -> int:
+    """A port free on every interface (HAProxy binds its admin listeners to all of them)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------- builder

@@ -105,7 +105,13 @@ def ray_start(args: list[str], env: dict, temp_dir: str) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the node's process group (its raylet, agents and workers), then SIGKILL."""
+    """SIGTERM to the node's process group (its raylet, agents and workers), then SIGKILL; then
+    whatever those started outside the group (Serve's HAProxy: it outlives a killed Ray)."""
+    import psutil
+
+    descendants: list = []
+    with contextlib.suppress(psutil.Error):
+        descendants = psutil.Process(proc.pid).children(recursive=True)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -114,6 +120,9 @@ def stop(proc: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 @pytest.fixture(scope="module")

@@ -166,7 +166,8 @@ def serve_and_query(model: str, cfg: ServeSection) -> dict:
     from serve.app import app as build_app, start_serve
 
     joined = init_ray(log_to_driver=False)  # the pipeline's own Ray (share_ray) or the cluster
-    start_serve(port=cfg.port, drain_s=None if joined else 1)  # a local app is torn down below
+    # a local app is torn down below; on a cluster HAProxy keeps Serve's fixed admin ports
+    start_serve(port=cfg.port, drain_s=None if joined else 1, free_admin_ports=not joined)
     serve.run(build_app({"model": model}), name="raylib", route_prefix="/")
     base = f"http://127.0.0.1:{cfg.port}"
     with urllib.request.urlopen(f"{base}/v1/models", timeout=120) as response:
