@@ -198,12 +198,15 @@ def scratch_dir(location: str) -> Path:
 
 
 def serve_deploy(cluster: dict, s3: dict, model: str, cache: Path, tmp_path: Path) -> str:
-    """`serve deploy` of serve/config.yaml with `model:` and the port replaced; returns the base URL."""
+    """`serve deploy` of serve/config.yaml with `model:` and the ports replaced; returns the base URL."""
     import yaml
 
     config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port
+    # HAProxy's admin listeners (9101, 8404 by default) may be held by another Serve on this host
+    config["controller_options"]["runtime_env"]["env_vars"].update(
+        RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()), RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()))
     app = config["applications"][0]
     app["args"]["model"] = model
     # what a real cluster gets from its instance role; here the replicas must find moto
