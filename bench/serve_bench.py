@@ -341,8 +341,8 @@ def main() -> None:
     init_ray(num_cpus=8, log_to_driver=False)
     # Same cores, same priority: infinity-emb runs at the niceness of our replicas (the load
     # generator and the in-process baseline stay at this process's own).
-    args.niceness = ray_worker_niceness() - os.nice(0)
     report["server_niceness"] = ray_worker_niceness()
+    args.niceness = report["server_niceness"] - os.nice(0)
     proc, infinity_url = (None, "skipped (--no-infinity)") if args.no_infinity else \
         start_infinity_for(args, model_dir)
     port = free_port()

@@ -118,7 +118,6 @@ class EncoderDeployment:
                                   device="cuda" if gpu else "cpu", threads=threads)
         self.max_length = self.args.max_length or self.model.settings.max_length
         self.device = self.model.device
-        self.batches = collections.Counter()  # batch size (texts) -> count, for /metrics
         # Calls wait in _pending; one model thread takes them in batches and answers each on
         # its caller's event loop. The thread takes its next batch itself as soon as a forward
         # ends: no trip through the (busy) event loop between batches, so the model never idles
@@ -167,9 +166,7 @@ class EncoderDeployment:
                 deadline = time.monotonic() + wait_s
                 while _count_texts(self._pending) < limit and time.monotonic() < deadline:
                     self._arrived.wait(deadline - time.monotonic())
-            batch = take_batch(self._pending, limit)
-        self.batches[_count_texts(batch)] += 1
-        return batch
+            return take_batch(self._pending, limit)
 
     def _encode_items(self, items: list[dict]) -> list[dict]:
         """Group the batch by (kind, outputs), one forward per group; a group that fails is
