@@ -8,16 +8,32 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test bench clean
+.PHONY: venv lock demo test bench clean
 
-$(STAMP): pyproject.toml
+# Installs come from the lock (exact versions of the `cpu,dev,me5` set for Python 3.11 on Linux
+# x86-64), never from whatever is newest that day. `make lock` refreshes it from pyproject.toml.
+LOCK := requirements/lock-py311-linux-x86_64.txt
+UV_VERSION := 0.13.9
+# torch's CPU build is not on PyPI: it comes from pip's find-links when this machine has one
+# (PIP_FIND_LINKS), else from PyTorch's CPU index.
+TORCH_SOURCE = $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+UV := $(VENV)/bin/uv
+
+$(UV):
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[cpu,dev,me5]'
+	$(BIN)/pip install -q uv==$(UV_VERSION)
+
+$(STAMP): $(LOCK) pyproject.toml | $(UV)
+	$(UV) pip install -q --python $(BIN)/python $(TORCH_SOURCE) -r $(LOCK)
+	$(UV) pip install -q --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+lock: | $(UV)
+	$(UV) pip compile -q pyproject.toml --extra cpu --extra dev --extra me5 --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 $(TORCH_SOURCE) --upgrade-package 'torch==2.13.0+cpu' \
+	  --no-header --annotation-style line -o $(LOCK)
 
 demo: $(STAMP)
 	$(BIN)/python jobs/pipeline.py --config jobs/configs/pipeline/local.yaml
