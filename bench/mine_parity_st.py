@@ -11,16 +11,18 @@ actors run (KeyedIndex shards of 2000 docs, merge_topk, select_negatives). `--jo
 jobs/mine.py on Ray (BEIR input) and lets ST embed by itself (2 full minilm passes over the corpus:
 about an hour of CPU on 2 cores). `--corpus-limit M` keeps every train positive plus the first M
 other documents; `--max-length` truncates on both sides.
-Ours: strategy topk_percpos, max_pos_ratio, pos_reference min, candidates = K + max positives per
+Ours: strategy topk_percpos, max_pos_ratio, pos_reference min, candidates = K + max positives + 1 per
 query, too_few pad (so partial sets survive). Peer: mine_hard_negatives(relative_margin = 1 - ratio,
 range_max=K, num_negatives=N, sampling_strategy="top", corpus=..., use_faiss=True,
 output_format="triplet"). Prints the per-query agreement of the negative sets (last line JSON).
 
-Semantics matched (read from sentence_transformers/util/hard_negatives.py, v6.2):
-- ST retrieves range_max + max_positives candidates (max over all queries), masks every positive of
-  the query (all dataset rows with the same query text), then cuts at
-  min_pos - |min_pos| x margin where min_pos is the *lowest* positive score of the query, then
-  keeps the top N: so ours runs with candidates = K + max_positives and pos_reference = min.
+Semantics matched (read from sentence_transformers/util/hard_negatives.py, v6.3.0, the locked
+version; the JSON names the installed one):
+- ST retrieves range_max + max_positives + 1 candidates (max over all queries), masks every
+  positive of the query (all dataset rows with the same query text) and a corpus document whose
+  text equals the query, then cuts at min_pos - |min_pos| x margin where min_pos is the *lowest*
+  positive score of the query, then keeps the top N: so ours runs with candidates =
+  K + max_positives + 1 and pos_reference = min, and select_negatives drops the query's own text.
 - ST deduplicates queries and the corpus by text (positives are added to the corpus); ours keys
   queries and documents by a hash of the text, so the same merging happens.
 - ST's "triplet" output keeps queries with fewer than N survivors (fewer triplets); ours pads
@@ -83,7 +85,7 @@ def run_ours(data_dir: str, k: int, n: int, ratio: float, max_pos: int, out: Pat
     summary = main(["--config", str(ROOT / "jobs/configs/mine/debug.yaml"),
                     "--set", "input.kind=beir", "--set", f"input.path={data_dir}",
                     "--set", "input.split=train", "--set", "input.max_chars=null",
-                    "--set", "teacher=minilm", "--set", f"candidates={k + max_pos}",
+                    "--set", "teacher=minilm", "--set", f"candidates={k + max_pos + 1}",
                     "--set", f"num_negatives={n}", "--set", "strategy=topk_percpos",
                     "--set", f"max_pos_ratio={ratio}", "--set", "pos_reference=min",
                     "--set", "too_few=pad", "--set", "max_docs_per_shard=2000",
@@ -150,7 +152,7 @@ def shared_embeddings(data, k: int, n: int, ratio: float, max_pos: int, max_leng
     d_keys = M.text_keys(st_corpus)
     sel, _, _ = M.mine_in_memory(q_emb, M.text_keys(st_queries), M.text_keys([pos_of[q][0] for q in st_queries]),
                                  [M.text_keys(pos_of[q]) for q in st_queries], d_emb, d_keys, rule,
-                                 candidates=k + max_pos, max_docs_per_shard=2000)
+                                 candidates=k + max_pos + 1, max_docs_per_shard=2000)
     text_of = dict(zip(d_keys.tolist(), st_corpus))
     ours = {q: {text_of[x] for x in sel.neg_ids[i] if x >= 0} for i, q in enumerate(st_queries)}
     return st_sets, ours, embed_s
@@ -207,7 +209,8 @@ def main() -> dict:
               "negatives_ours": sum(len(v) for v in ours.values()),
               "negatives_st": sum(len(v) for v in st.values()),
               "queries_with_no_negative": sum(1 for q in queries if not ours.get(q)),
-              "k": args.k, "n": args.n, "max_pos_ratio": args.ratio, "candidates_ours": args.k + max_pos,
+              "k": args.k, "n": args.n, "max_pos_ratio": args.ratio, "candidates_ours": args.k + max_pos + 1,
+              "sentence_transformers": __import__("sentence_transformers").__version__,
               "max_length": args.max_length, **{k: round(v, 1) for k, v in timing.items()},
               "ours_counts": summary["counts"] if summary else None}
     print(json.dumps(result))

@@ -94,12 +94,14 @@ class Selection:
 
 
 def select_negatives(cand_ids: np.ndarray, cand_scores: np.ndarray, known_positives: Sequence[np.ndarray],
-                     ref_scores: np.ndarray, rule: NegativeRule, rngs: Sequence[np.random.Generator] | None = None
-                     ) -> Selection:
+                     ref_scores: np.ndarray, rule: NegativeRule, query_keys: np.ndarray,
+                     rngs: Sequence[np.random.Generator] | None = None) -> Selection:
     """Pick `rule.num_negatives` negatives per row from ranked candidates [n, K] (id -1 = none).
 
-    Every known positive of the row's query is removed first; `ref_scores` [n] is the positive score
-    the TopK-PercPos cut is relative to. Output negatives are best first.
+    Every known positive of the row's query is removed first, and so is a document whose text is the
+    query's own (`query_keys` [n], text keys like the documents'): sentence-transformers >= 6.3 does
+    the same, since a copy of the query is a false negative, not a hard one. `ref_scores` [n] is the
+    positive score the TopK-PercPos cut is relative to. Output negatives are best first.
     """
     n, k = cand_ids.shape
     big_n = rule.num_negatives
@@ -119,7 +121,7 @@ def select_negatives(cand_ids: np.ndarray, cand_scores: np.ndarray, known_positi
         # rank order, best first (stable: ties keep the search order)
         order = np.argsort(-cand_scores[r], kind="stable")
         ids, scores = cand_ids[r][order], cand_scores[r][order]
-        valid = (ids >= 0) & ~np.isin(ids, known_positives[r]) & np.isfinite(scores)
+        valid = (ids >= 0) & (ids != query_keys[r]) & ~np.isin(ids, known_positives[r]) & np.isfinite(scores)
         ids, scores = ids[valid], scores[valid]
         if rule.strategy == "rank_window":
             ids, scores = ids[rule.range_min:rule.range_max], scores[rule.range_min:rule.range_max]
@@ -541,4 +543,4 @@ def mine_in_memory(query_emb: np.ndarray, query_keys: np.ndarray, own_pos_keys: 
         flat_scores = np.fmax(flat_scores, s.scores_for(query_emb, row_of, flat_keys))
     ref = reference_scores(flat_scores, row_of, own, rule.pos_reference)
     rngs = [row_seed(seed, q, d) for q, d in zip(query_keys, own_pos_keys)]
-    return select_negatives(cand_ids, cand_scores, known_positives, ref, rule, rngs), own, ref
+    return select_negatives(cand_ids, cand_scores, known_positives, ref, rule, query_keys, rngs), own, ref

@@ -12,6 +12,9 @@ from raylib import mining as M
 from raylib.search import exact_search
 
 
+NO_QUERY_DOC = np.array([-1])  # the query's text is not among the candidates
+
+
 def _ranked(scores):
     s = np.asarray([scores], dtype=np.float32)
     return np.arange(s.shape[1], dtype=np.int64)[None], s
@@ -21,11 +24,21 @@ def test_topk_percpos_drops_positives_and_near_positive_scores():
     ids, scores = _ranked([0.99, 0.97, 0.90, 0.86, 0.85, 0.50, 0.40, 0.30])
     rule = M.NegativeRule(strategy="topk_percpos", num_negatives=3, max_pos_ratio=0.95)
     # docs 0 and 3 are known positives; the reference positive score is 0.9
-    sel = M.select_negatives(ids, scores, [np.array([0, 3])], np.array([0.9]), rule)
+    sel = M.select_negatives(ids, scores, [np.array([0, 3])], np.array([0.9]), rule, NO_QUERY_DOC)
     # cut = 0.855: 0.97 and 0.90 dropped (> cut), 0.86 is a positive, 0.85 kept (not strictly above)
     assert sel.neg_ids.tolist() == [[4, 5, 6]]
     np.testing.assert_allclose(sel.neg_scores[0], [0.85, 0.50, 0.40])
     assert sel.status.tolist() == [M.KEPT] and sel.num_found.tolist() == [3]
+
+
+def test_a_document_equal_to_the_query_is_never_a_negative():
+    """sentence-transformers >= 6.3: a copy of the query in the corpus is a false negative."""
+    ids, scores = _ranked([0.99, 0.80, 0.70, 0.60])
+    rule = M.NegativeRule(strategy="topk_percpos", num_negatives=2, max_pos_ratio=1.0)
+    sel = M.select_negatives(ids, scores, [np.array([3])], np.array([1.0]), rule, np.array([0]))
+    assert sel.neg_ids.tolist() == [[1, 2]]
+    sel = M.select_negatives(ids, scores, [np.array([3])], np.array([1.0]), rule, NO_QUERY_DOC)
+    assert sel.neg_ids.tolist() == [[0, 1]]
 
 
 def test_text_keys_are_stable_non_negative_and_merge_duplicates():
@@ -43,14 +56,14 @@ def test_percpos_threshold_is_sign_safe():
 def test_topk_abs_and_too_few_drop_or_pad():
     ids, scores = _ranked([0.9, 0.8, 0.7, 0.6])
     rule = M.NegativeRule(strategy="topk_abs", num_negatives=3, max_score=0.75)
-    sel = M.select_negatives(ids, scores, [np.array([3])], np.array([1.0]), rule)
+    sel = M.select_negatives(ids, scores, [np.array([3])], np.array([1.0]), rule, NO_QUERY_DOC)
     assert sel.status.tolist() == [M.TOO_FEW_STATUS] and sel.num_found.tolist() == [1]
     assert sel.neg_ids.tolist() == [[-1, -1, -1]]
     rule.too_few = "pad"
-    sel = M.select_negatives(ids, scores, [np.array([3])], np.array([1.0]), rule)
+    sel = M.select_negatives(ids, scores, [np.array([3])], np.array([1.0]), rule, NO_QUERY_DOC)
     assert sel.status.tolist() == [M.PADDED] and sel.neg_ids.tolist() == [[2, 2, 2]]
     # nothing left at all: even padding cannot help
-    sel = M.select_negatives(ids, scores, [np.array([2, 3])], np.array([1.0]), rule)
+    sel = M.select_negatives(ids, scores, [np.array([2, 3])], np.array([1.0]), rule, NO_QUERY_DOC)
     assert sel.status.tolist() == [M.TOO_FEW_STATUS]
 
 
@@ -61,7 +74,7 @@ def test_rank_window_samples_inside_window_seeded():
     pos = [np.array([0, 12])]  # positives are removed before ranks are counted
 
     def pick(seed):
-        return M.select_negatives(ids, scores, pos, np.array([1.0]), rule, [M.row_seed(seed, 7, 0)])
+        return M.select_negatives(ids, scores, pos, np.array([1.0]), rule, NO_QUERY_DOC, [M.row_seed(seed, 7, 0)])
 
     a, b, c = pick(1), pick(1), pick(2)
     allowed = [i for i in range(k) if i not in (0, 12)][10:30]
@@ -166,13 +179,24 @@ def test_mine_in_memory_matches_brute_force_and_is_shard_invariant():
             assert list(dict.fromkeys(got)) == ref[i][:5], i
 
 
+# The peer's exact output this parity holds for: the version in requirements/lock-*.txt. 6.3.0
+# retrieves range_max + max_positives + 1 candidates and never returns the query's own text as a
+# negative (6.2.0: range_max + max_positives, and it could). Upgrading it means re-running this test
+# and bench/mine_parity_st.py (README, "Upgrading a dependency").
+ST_VERSION = "6.3.0"
+
+
 def test_parity_with_sentence_transformers_tiny(tmp_path):
     """Same negatives as `mine_hard_negatives(relative_margin=m, sampling_strategy="top")` with
     max_pos_ratio = 1 - m, on a tiny synthetic set with a tiny mean-pooled model both libraries load.
-    (m = 0.02 rather than 0.05: the random tiny model scores everything within a few percent.)"""
+    (m = 0.02 rather than 0.05: the random tiny model scores everything within a few percent.)
+    Some queries' own texts are in the corpus: neither side may return them as negatives."""
+    import sentence_transformers
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
+
+    assert sentence_transformers.__version__ == ST_VERSION, "parity is pinned to the locked version"
 
     from raylib.model import Encoder
     from raylib.tiny import save_tiny_encoder
@@ -185,7 +209,7 @@ def test_parity_with_sentence_transformers_tiny(tmp_path):
     docs = [q + " " + " ".join(r.choices(words, k=10)) for q in queries]
     queries += queries[:5]                       # 5 queries with a second positive
     docs += [" ".join(r.choices(words, k=12)) for _ in range(5)]
-    corpus = [" ".join(r.choices(words, k=12)) for _ in range(150)]
+    corpus = [" ".join(r.choices(words, k=12)) for _ in range(150)] + queries[:8]
     n_neg, range_max, margin = 5, 60, 0.02
     st = SentenceTransformer(str(path), device="cpu")
     mined = mine_hard_negatives(Dataset.from_dict({"query": queries, "answer": docs}), st, corpus=corpus,
@@ -209,11 +233,12 @@ def test_parity_with_sentence_transformers_tiny(tmp_path):
     rule = M.NegativeRule(num_negatives=n_neg, max_pos_ratio=1 - margin, too_few="pad", pos_reference="min")
     max_pos = max(len(v) for v in pos_of.values())
     sel, _, _ = M.mine_in_memory(q_emb, M.text_keys(uq), own, known, d_emb, d_keys, rule,
-                                 candidates=range_max + max_pos)
+                                 candidates=range_max + max_pos + 1)  # ST 6.3's candidate count
     text_of = dict(zip(d_keys.tolist(), all_docs))
     ours = {q: {text_of[k] for k in sel.neg_ids[i] if k >= 0} for i, q in enumerate(uq)}
     same = sum(ours[q] == st_sets.get(q, set()) for q in uq)
     assert 0 < sum(len(v) for v in ours.values()) < n_neg * len(uq)  # some rows short, some full
+    assert not any(q in ours[q] for q in uq)
     assert same == len(uq), {q: (ours[q], st_sets.get(q)) for q in uq if ours[q] != st_sets.get(q, set())}
 
 

@@ -195,7 +195,7 @@ class MineBatch:
         own = pair_scores[len(flat_keys):]
         ref = M.reference_scores(pair_scores[:len(flat_keys)], row_of, own, self.rule.pos_reference)
         rngs = [M.row_seed(self.seed, a, b) for a, b in zip(qk, dk)]
-        sel = M.select_negatives(cand_ids, cand_scores, known, ref, self.rule, rngs)
+        sel = M.select_negatives(cand_ids, cand_scores, known, ref, self.rule, qk, rngs)
         neg_ids, neg_texts = self._lookup(sel.neg_ids)
         ok = sel.status != M.TOO_FEW_STATUS
         order_key = np.zeros(n)
