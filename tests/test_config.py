@@ -36,3 +36,15 @@ def test_yaml_and_overrides(tmp_path):
 def test_bad_keys_and_values_are_errors(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
         load_config(Job, None, override)
+
+
+def test_peer_versions_are_the_locked_ones():
+    """tests/peers.py names the versions the lock installs (a `make lock` that moves a peer fails here)."""
+    from pathlib import Path
+
+    from peers import PEER_VERSIONS
+
+    lock = Path(__file__).resolve().parents[1] / "requirements/lock-py311-linux-x86_64.txt"
+    pins = dict(line.split("#")[0].strip().split("==") for line in lock.read_text().splitlines()
+                if "==" in line)
+    assert {d: pins[d] for d in PEER_VERSIONS} == PEER_VERSIONS

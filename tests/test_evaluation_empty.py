@@ -60,6 +60,9 @@ def test_empty_texts_are_counted_and_evaluated(model_dir, tmp_path):
 def test_encode_all_matches_encode_and_sentence_transformers(model_dir):
     from sentence_transformers import SentenceTransformer
 
+    from peers import require_peer
+
+    require_peer("sentence-transformers")
     enc = Encoder.from_pretrained(model_dir, device="cpu")
     texts = ["river mountain cloud", "", "protein galaxy engine alpha", "  \t", "beta"]
     got = encode_all(enc, texts, "document", dense=True, sparse=True, multivector=True)

@@ -135,7 +135,10 @@ def test_m3_heads_learn_and_hybrid_is_at_least_the_best_head(m3_trained):
 def test_flagembedding_loads_our_finetuned_m3_model(m3_trained):
     from FlagEmbedding import BGEM3FlagModel
 
+    from peers import require_peer
     from raylib.scoring import compute_score
+
+    require_peer("flagembedding")
 
     _, path, _, _, _ = m3_trained
     ours = Encoder.from_pretrained(path, device="cpu")

@@ -6,6 +6,7 @@ import random
 import pytest
 import pytrec_eval
 
+from peers import require_peer
 from raylib.metrics import evaluate, per_query
 
 
@@ -33,6 +34,7 @@ def _pytrec_mrr10(qrels, run):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_per_query_matches_pytrec_eval(seed):
+    require_peer("pytrec-eval-terrier")
     qrels, run = _random_case(seed)
     ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "recall.10", "P.5"}).evaluate(run)
     mrr = _pytrec_mrr10(qrels, run)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from peers import require_peer
 from raylib import Encoder
 from raylib.model import truncate_dims
 from raylib.scoring import compute_score, lexical_scores, multivector_scores
@@ -20,6 +21,7 @@ TEXTS = ["the cat sat on the river bank", "protein cells and genes", "a",
 def test_sentence_transformers_parity_and_exact_round_trip(tmp_path, pooling):
     from sentence_transformers import SentenceTransformer
 
+    require_peer("sentence-transformers")
     path = save_tiny_encoder(tmp_path / "m", pooling=pooling, seed=3)
     ours = Encoder.from_pretrained(path, device="cpu")
     st = SentenceTransformer(str(path), device="cpu")
@@ -46,6 +48,7 @@ def test_minilm_loads_with_its_pooling():
 def test_bge_m3_layout_matches_flagembedding(tiny_xlmr_dir):
     from FlagEmbedding import BGEM3FlagModel
 
+    require_peer("flagembedding")
     ours = Encoder.from_pretrained(tiny_xlmr_dir, device="cpu")
     ref_model = BGEM3FlagModel(str(tiny_xlmr_dir), use_fp16=False, devices="cpu")
     ref = ref_model.encode(TEXTS, batch_size=2, return_dense=True, return_sparse=True,
