@@ -35,7 +35,13 @@ ONNX_DIR = "onnx"
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
 EXPORT_META = "export.json"
 OPSET = 17
-RECIPE = 2  # bump when the export or quantization recipe changes: exports are redone
+RECIPE = 3  # bump when the export or quantization recipe changes: exports are redone
+# int8 MatMul weights in 7 bits (reduce_range): ONNX Runtime's u8s8 kernels on x86-64 CPUs without
+# VNNI (AVX2, AVX-512 without VNNI) sum pairs of u8 x s8 products into int16 and saturate on 8-bit
+# weights; 7-bit weights cannot. The same file then gives the same numbers on every x86-64 kernel
+# (bench/int8_isa.py runs it on an emulated AVX2 CPU), so the cached export is valid on any node;
+# export.json names the recipe so a full-range file from an older export is never reused.
+INT8_RECIPE = {"weights": "s8", "per_channel": True, "reduce_range": True}
 
 
 # ------------------------------------------------------------------------------- shared logic
@@ -195,7 +201,7 @@ def export_onnx(name_or_path: str | os.PathLike, int8: bool = True, force: bool 
     path = resolve_model_path(name_or_path)
     out = path / ONNX_DIR
     meta = out / EXPORT_META
-    want = {"fingerprint": _fingerprint(path), "opset": OPSET, "recipe": RECIPE}
+    want = {"fingerprint": _fingerprint(path), "opset": OPSET, "recipe": RECIPE, "int8": INT8_RECIPE}
     have = json.loads(meta.read_text()) if meta.exists() else None
     files = [ONNX_FILES["onnx"]] + ([ONNX_FILES["onnx-int8"]] if int8 else [])
     if not force and have == want and all((out / f).exists() for f in files):
@@ -259,7 +265,8 @@ def _quantize_int8(fp32: Path, target: Path) -> None:
 
     The FFN output projections of the first half of the layers stay fp32: their inputs (after
     GELU) have the widest ranges. On minilm / SciFact texts: min cosine to torch 0.986 -> 0.991,
-    mean 0.994 -> 0.997, for 3.3x -> 2.7x torch's texts/s (bench/onnx_quality.py, README)."""
+    mean 0.994 -> 0.997, for 3.3x -> 2.7x torch's texts/s (bench/onnx_quality.py, README).
+    Weights are 7-bit (INT8_RECIPE): safe on CPUs without VNNI."""
     import re
 
     import onnx
@@ -272,7 +279,9 @@ def _quantize_int8(fp32: Path, target: Path) -> None:
             ffn_out[node.name] = int(found.group(1))
     n_layers = max(ffn_out.values(), default=-1) + 1
     keep_fp32 = [name for name, layer in ffn_out.items() if layer < n_layers // 2]
-    quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=True,
+    assert INT8_RECIPE["weights"] == "s8"
+    quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8,
+                     per_channel=INT8_RECIPE["per_channel"], reduce_range=INT8_RECIPE["reduce_range"],
                      op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp32)
 
 

@@ -131,3 +131,21 @@ def test_serve_args_take_a_model_spec_and_onnx_refuses_its_overrides(tiny_dir):
     assert torch_encoder.settings.pooling == "mean"
     with pytest.raises(ValueError, match="torch backend only"):
         load_encoder(args.model, "onnx")
+
+
+def test_int8_weights_are_7_bit_so_no_x86_kernel_saturates(tiny_dir):
+    """ORT's u8s8 kernels without VNNI (AVX2) saturate int16 pair sums on 8-bit weights: the export
+    quantizes to 7 bits, and export.json names that recipe (a full-range export is redone)."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from raylib.onnx_backend import INT8_RECIPE, export_onnx
+
+    folder = export_onnx(tiny_dir)
+    graph = onnx.load(str(folder / "model_int8.onnx")).graph
+    weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    # symmetric 7-bit range: |w| <= 64, so 2 x 255 x 64 = 32,640 fits int16 (8-bit: 65,025 does not)
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 64
+    assert json.loads((folder / "export.json").read_text())["int8"] == INT8_RECIPE
