@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(BIN)/python jobs/pipeline.py --config jobs/configs/pipeline/local.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --timeout=900 tests
+	$(BIN)/python -m pytest -q -x --timeout=900 --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
