@@ -46,11 +46,11 @@ def p50(fn, n: int) -> float:
 
 
 def old_app_module(rev: str, workdir: Path) -> str:
-    """Write serve/app.py of `rev` as package serve_rev (its replicas import it by that name)."""
+    """Write raylib/ray_serve/app.py of `rev` as package serve_rev (its replicas import it by that name)."""
     pkg = workdir / "serve_rev"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    code = subprocess.run(["git", "show", f"{rev}:serve/app.py"], cwd=ROOT, check=True,
+    code = subprocess.run(["git", "show", f"{rev}:raylib/ray_serve/app.py"], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout
     (pkg / "app.py").write_text(code)
     return "serve_rev.app"
@@ -110,16 +110,16 @@ def main() -> None:
                    help="Serve's Python HTTP proxy instead of HAProxy + direct ingress")
     p.add_argument("--colocate", action="store_true",
                    help="also profile the app with the model inside the ingress (one hop fewer)")
-    p.add_argument("--rev", default=None, help="also profile serve/app.py of this git revision")
+    p.add_argument("--rev", default=None, help="also profile raylib/ray_serve/app.py of this git revision")
     args = p.parse_args()
 
     from ray import serve
 
     from raylib.beir import document_text
-    from raylib.jobs.ray_env import init_ray
-    from raylib.onnx_backend import load_encoder
-    from serve.app import FastJSONResponse, app, start_serve
-    from serve.schemas import EmbeddingsRequest
+    from raylib.ray_env import init_ray
+    from raylib.backends import load_encoder
+    from raylib.ray_serve.app import FastJSONResponse, app, start_serve
+    from raylib.ray_serve.schemas import EmbeddingsRequest
 
     corpus = ROOT / ".." / "shared" / "data" / "scifact" / "corpus.jsonl"
     if corpus.exists():

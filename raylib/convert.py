@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raylib.registry import cache_dir
+from raylib.storage import cache_dir
 
 MAGIC = b"E5S1"
 QK = 32
@@ -345,7 +345,7 @@ def convert_bin(bin_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     import torch
     from transformers import BertModel
 
-    from raylib.model import Encoder, EncoderSettings
+    from raylib.model_files import write_model_dir
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -358,10 +358,9 @@ def convert_bin(bin_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-    settings = EncoderSettings(pooling="mean", normalize=True, query_prefix="query: ",
-                               document_prefix="passage: ", max_length=b.max_positions)
-    encoder = Encoder(backbone.eval(), build_tokenizer(b), settings)
-    encoder.save_pretrained(out_dir)
+    settings = {"pooling": "mean", "normalize": True, "query_prefix": "query: ",  # raylib.model.EncoderSettings
+                "document_prefix": "passage: ", "max_length": b.max_positions, "matryoshka_dims": []}
+    write_model_dir(out_dir, backbone.eval(), build_tokenizer(b), settings, config.hidden_size)
     source = {"source": str(bin_path), "bytes": Path(bin_path).stat().st_size,
               "format_version": b.version, "converter_version": CONVERTER_VERSION,
               "normalizer": "NFC + Precompiled(charsmap compiled from the .bin's per-codepoint "

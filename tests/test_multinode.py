@@ -129,7 +129,7 @@ def stop(proc: subprocess.Popen) -> None:
 def cluster():
     """Head (0 CPUs: nothing runs there but Ray's own services and the drivers' connections) and
     two worker nodes, each with its own temp dir; the nodes see no AWS_* or RAYLIB_CACHE (what a
-    job needs travels with it: raylib.jobs.ray_env forwards the driver's)."""
+    job needs travels with it: raylib.ray_env forwards the driver's)."""
     env = {k: v for k, v in os.environ.items()
            if k != "RAY_ADDRESS" and not k.startswith("AWS_") and k != "RAYLIB_CACHE"}
     env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -190,7 +190,7 @@ def listing(uri: str) -> dict[str, tuple[int, int]]:
 
 def scratch_dir(location: str) -> Path:
     """Rank 0's node-local scratch dir of a training stage on s3:// (a temp dir, not the cwd)."""
-    from raylib.ray_train.loop import run_dir
+    from raylib.training import run_dir
     from raylib.train_config import CheckpointSection, TrainJobConfig
 
     storage, name = location.rsplit("/", 1)

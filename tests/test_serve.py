@@ -1,6 +1,6 @@
 """Ray Serve app over real HTTP on loopback: OpenAI embeddings, /encode, /rerank, errors, auth,
 backpressure, and a bounded load test. Three apps share one Serve instance on a free port, behind
-the shipped fast ingress (HAProxy + direct ingress, serve.app.start_serve): `embed` (tiny BERT
+the shipped fast ingress (HAProxy + direct ingress, raylib.ray_serve.app.start_serve): `embed` (tiny BERT
 with M3 heads, API key, torch backend, the model inside the ingress as serve/config.yaml deploys
 it) at /, the same on the onnx-int8 backend with the model in its own Encoder deployment (the
 ingress calls it over gRPC) at /int8 (the API tests run against both), and `tight` (tiny model
@@ -41,7 +41,7 @@ def server(ray_session, tiny_dir, tmp_path_factory):
     from ray import serve
 
     from raylib.tiny import save_tiny_encoder
-    from serve.app import app, start_serve
+    from raylib.ray_serve.app import app, start_serve
 
     plain_dir = save_tiny_encoder(tmp_path_factory.mktemp("tiny_plain") / "model", m3_heads=False)
     port = _free_port()
@@ -411,7 +411,7 @@ def test_lone_surrogate_in_the_model_name_is_echoed_as_valid_json(client):
 def test_one_bad_call_in_a_batch_never_fails_the_others(tiny_dir, reference):
     """The replica's batch function, in-process: a call whose text the tokenizer rejects (a lone
     surrogate that got past the ingress) gets its own 400; the calls batched with it succeed."""
-    from serve.app import EncoderDeployment
+    from raylib.ray_serve.app import EncoderDeployment
 
     replica = EncoderDeployment.func_or_class({"model": str(tiny_dir), "num_cpus": 1})
     good = [{"texts": TEXTS[:2], "kind": "document", "dim": 8},
@@ -434,7 +434,7 @@ def test_take_batch_oldest_first_then_nearest_lengths_within_limit():
     are the calls nearest to it in length, never past max_batch_size texts, others keep order."""
     import collections
 
-    from serve.app import take_batch
+    from raylib.ray_serve.app import take_batch
 
     def call(name, *lengths):
         return ({"texts": ["x" * n for n in lengths]}, name)
@@ -468,8 +468,8 @@ def test_deploy_configs_validate():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import FAST_INGRESS_ENV
-    from serve.schemas import ServeArgs
+    from raylib.ray_serve.app import FAST_INGRESS_ENV
+    from raylib.ray_serve.schemas import ServeArgs
 
     root = Path(__file__).resolve().parents[1]
     for name in ("config.yaml", "config_gpu.yaml"):

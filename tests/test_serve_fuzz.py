@@ -31,7 +31,7 @@ def _free_port() -> int:
 def fuzz_server(ray_session, tiny_dir):
     from ray import serve
 
-    from serve.app import app, start_serve
+    from raylib.ray_serve.app import app, start_serve
 
     port = _free_port()
     start_serve(port=port, drain_s=1)  # the shipped fast ingress (HAProxy + direct ingress)

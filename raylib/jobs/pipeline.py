@@ -162,8 +162,8 @@ def serve_and_query(model: str, cfg: ServeSection) -> dict:
     import ray
     from ray import serve
 
-    from raylib.jobs.ray_env import init_ray
-    from serve.app import app as build_app, start_serve
+    from raylib.ray_env import init_ray
+    from raylib.ray_serve.app import app as build_app, start_serve
 
     joined = init_ray(log_to_driver=False)  # the pipeline's own Ray (share_ray) or the cluster
     # a local app is torn down below; on a cluster HAProxy keeps Serve's fixed admin ports
@@ -198,7 +198,7 @@ def share_ray(num_cpus: int) -> None:
     RAY_ADDRESS: one Ray start for the whole pipeline instead of one per stage."""
     import ray
 
-    from raylib.jobs.ray_env import init_ray
+    from raylib.ray_env import init_ray
 
     init_ray(num_cpus, log_to_driver=False)
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

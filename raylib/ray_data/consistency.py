@@ -40,7 +40,7 @@ from ray.data import Dataset
 
 from raylib.filters import (HeuristicConfig, consistency_ranks, document_keys, duplicate_mask,
                             heuristic_reasons, pair_hash)
-from raylib.ray_data.io import ROWS_PER_BATCH, _as_text, row_reasons
+from raylib.reader import ROWS_PER_BATCH, as_text, row_reasons
 from raylib.storage import filesystem_for
 
 GROUP = ("source", "language")
@@ -123,7 +123,7 @@ def status_counts(ds: Dataset, required: Sequence[str], max_chars: int | None,
 
 
 def _texts(table: pa.Table, column: str) -> list[str]:
-    return _as_text(table.column(column))[0] if table.num_rows else []
+    return as_text(table.column(column))[0] if table.num_rows else []
 
 
 def assign_shards(ds: Dataset, shards_per_group: dict[tuple[str, str], int]) -> Dataset:

@@ -23,7 +23,7 @@ class AutoscalingArgs(BaseModel):
 
 
 class ServeArgs(BaseModel):
-    """Arguments of `serve.app:app` (`serve run serve.app:app model=minilm max_batch_size=16`)."""
+    """Arguments of `raylib.ray_serve.app:app` (`serve run raylib.ray_serve.app:app model=minilm max_batch_size=16`)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -33,7 +33,7 @@ class ServeArgs(BaseModel):
     served_model_name: Optional[str] = Field(None, description="name in /v1/models; default: model")
     max_length: Optional[int] = Field(None, ge=8, description="token cap; default: the model's")
     backend: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch", description="raylib.onnx_backend backend of the Encoder replicas")
+        "torch", description="raylib.backends backend of the Encoder replicas")
     # continuous batching: texts per forward pass; how long an idle model waits for a batch to
     # fill (0: start at once; under load batches fill while the previous one runs)
     max_batch_size: int = Field(32, ge=1)

@@ -1,12 +1,12 @@
 """Ray Serve app: the raylib Encoder (dense, sparse, multi-vector) and a hybrid reranker.
 
-    serve run serve.app:app model=minilm backend=onnx-int8     # from the repo root
+    serve run raylib.ray_serve.app:app model=minilm backend=onnx-int8     # from the repo root
     serve run serve/config.yaml          (CPU)        serve run serve/config_gpu.yaml   (H100)
 
 A FastAPI `Ingress` with an OpenAI-compatible /v1/embeddings, /encode, /rerank (BGE-M3 §3.2
 fusion of dense, s_lex and s_mul scores, computed in the ingress), /v1/models, /health and
 /metrics, and the `Encoder` (one model per replica on the torch, onnx or onnx-int8 backend of
-raylib.onnx_backend; continuous batching by text count; GPU when num_gpus > 0). With `colocate`
+raylib.backends; continuous batching by text count; GPU when num_gpus > 0). With `colocate`
 (serve/config.yaml, CPU) the Encoder lives inside each ingress replica: one hop fewer. Otherwise
 (serve/config_gpu.yaml) it is a deployment of its own, called over gRPC, so that a lost Encoder
 replica is a retry, not a lost request. In front: HAProxy and direct ingress (start_serve,
@@ -49,7 +49,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylib.model import ModelSpec
-from serve.schemas import (AutoscalingArgs, EmbeddingsRequest, EncodeRequest, RerankRequest,  # noqa: F401
+from raylib.ray_serve.schemas import (AutoscalingArgs, EmbeddingsRequest, EncodeRequest, RerankRequest,  # noqa: F401
                            RerankWeights, ServeArgs)
 
 logger = logging.getLogger("ray.serve")
@@ -107,7 +107,7 @@ class EncoderDeployment:
     waiting then (continuous batching: no wait at one client, full batches under load)."""
 
     def __init__(self, args: dict):
-        from raylib.onnx_backend import load_encoder
+        from raylib.backends import load_encoder
 
         self.args = ServeArgs.model_validate(args)
         gpu = self.args.num_gpus > 0 and _cuda_available()
@@ -792,11 +792,11 @@ def _replica_runtime_env(pythonpath: str) -> dict[str, Any]:
 
 
 def app(args: ServeArgs) -> serve.Application:
-    """Build the application (`serve run serve.app:app model=minilm`)."""
+    """Build the application (`serve run raylib.ray_serve.app:app model=minilm`)."""
     if not isinstance(args, ServeArgs):
         args = ServeArgs.model_validate(args)
     plain = args.model_dump()
-    # Replicas unpickle these classes by module name (`serve.app`). A driver without a
+    # Replicas unpickle these classes by module name (`raylib.ray_serve.app`). A driver without a
     # working_dir (tests, scripts) leaves the repo off the workers' sys.path, and Serve rejects
     # local py_modules, so put the repo root on PYTHONPATH (harmless where a working_dir
     # already provides it, e.g. `serve deploy`; see RAY_NOTES).
