@@ -88,7 +88,7 @@ def profile_app(build, label: str, args, text: str, port: int) -> dict:
     if label == "colocated":  # no Encoder deployment: the model is in the ingress
         serve.delete(label)
         return out
-    handle = serve.get_deployment_handle("Encoder", app_name=label)
+    handle = serve.get_deployment_handle("Batcher", app_name=label)
     loop = asyncio.new_event_loop()
 
     async def call():
@@ -118,7 +118,8 @@ def main() -> None:
     from raylib.beir import document_text
     from raylib.ray_env import init_ray
     from raylib.backends import load_encoder
-    from raylib.ray_serve.app import FastJSONResponse, app, start_serve
+    from raylib.ray_serve.app import app, start_serve
+    from raylib.ray_serve.middleware import FastJSONResponse
     from raylib.ray_serve.schemas import EmbeddingsRequest
 
     corpus = ROOT / ".." / "shared" / "data" / "scifact" / "corpus.jsonl"

@@ -120,7 +120,7 @@ def test_evaluate_encoder_takes_an_onnx_backend(tiny_dir):
 def test_serve_args_take_a_model_spec_and_onnx_refuses_its_overrides(tiny_dir):
     from raylib.model import ModelSpec
     from raylib.backends import load_encoder
-    from raylib.ray_serve.schemas import ServeArgs
+    from raylib.ray_serve.settings import ServeArgs
 
     args = ServeArgs.model_validate({"model": {"name_or_path": str(tiny_dir), "pooling": "mean",
                                                "trust_remote_code": False}})

@@ -411,9 +411,9 @@ def test_lone_surrogate_in_the_model_name_is_echoed_as_valid_json(client):
 def test_one_bad_call_in_a_batch_never_fails_the_others(tiny_dir, reference):
     """The replica's batch function, in-process: a call whose text the tokenizer rejects (a lone
     surrogate that got past the ingress) gets its own 400; the calls batched with it succeed."""
-    from raylib.ray_serve.app import EncoderDeployment
+    from raylib.ray_serve.batcher import Batcher
 
-    replica = EncoderDeployment.func_or_class({"model": str(tiny_dir), "num_cpus": 1})
+    replica = Batcher.func_or_class({"model": str(tiny_dir), "num_cpus": 1})
     good = [{"texts": TEXTS[:2], "kind": "document", "dim": 8},
             {"texts": TEXTS[5:6], "kind": "document", "sparse": True}]
     bad = {"texts": ["fine", "bad \ud800"], "kind": "document"}
@@ -434,7 +434,7 @@ def test_take_batch_oldest_first_then_nearest_lengths_within_limit():
     are the calls nearest to it in length, never past max_batch_size texts, others keep order."""
     import collections
 
-    from raylib.ray_serve.app import take_batch
+    from raylib.ray_serve.batcher import take_batch
 
     def call(name, *lengths):
         return ({"texts": ["x" * n for n in lengths]}, name)
@@ -469,9 +469,13 @@ def test_deploy_configs_validate():
     from ray.serve.schema import ServeDeploySchema
 
     from raylib.ray_serve.app import FAST_INGRESS_ENV
-    from raylib.ray_serve.schemas import ServeArgs
+    from raylib.ray_serve.settings import ServeArgs, deploy_args
 
     root = Path(__file__).resolve().parents[1]
+    # ServeArgs' defaults are the CPU deploy config's args: one home for the settings
+    assert deploy_args(root / "serve" / "config.yaml") == ServeArgs()
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        ServeArgs(max_batch_size=16, max_ongoing_requests=8)
     for name in ("config.yaml", "config_gpu.yaml"):
         config = yaml.safe_load((root / "serve" / name).read_text())
         ServeDeploySchema.model_validate(config)
