@@ -28,7 +28,6 @@ import collections
 import json
 import os
 import random
-import socket
 import subprocess
 import tempfile
 import time
@@ -41,12 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
+from raylib.ports import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_texts(n: int, max_chars: int, seed: int = 0) -> list[str]:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from raylib.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -149,12 +150,7 @@ def main() -> None:
         old = load_module(old_app_module(args.rev, Path(tmp.name)), Path(tmp.name))
         variants[f"rev_{args.rev}"] = lambda a: old.app({**a, "batch_wait_timeout_s": 0.005})
     init_ray(num_cpus=8, log_to_driver=False)
-    port = 0
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     start_serve(port=port, fast_ingress=not args.serve_proxy, drain_s=1)
     report["ingress"] = "serve-proxy" if args.serve_proxy else "haproxy-direct"
     for label, build in variants.items():

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from raylib.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -42,11 +42,6 @@ STAGE_SETS = {
                      "scaling.num_workers=2", f"scaling.cpus_per_worker={WORKER_CPUS}"],
 }
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 10) -> dict:

@@ -12,11 +12,11 @@ import base64
 import concurrent.futures as cf
 import os
 import random
-import socket
 import time
 
 import numpy as np
 import pytest
+from raylib.ports import free_port
 
 httpx = pytest.importorskip("httpx")
 
@@ -29,11 +29,6 @@ TEXTS = [f"document {i}: " + " ".join(["alpha", "beta", "gamma", "delta", "retri
                                      for j in range(1 + (i * 7) % 23)) for i in range(40)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_dir, tmp_path_factory):
@@ -44,7 +39,7 @@ def server(ray_session, tiny_dir, tmp_path_factory):
     from raylib.ray_serve.app import app, start_serve
 
     plain_dir = save_tiny_encoder(tmp_path_factory.mktemp("tiny_plain") / "model", m3_heads=False)
-    port = _free_port()
+    port = free_port()
     start_serve(port=port, drain_s=1)  # the shipped fast ingress (HAProxy + direct ingress)
     for backend, prefix in BACKENDS.items():
         serve.run(app({"model": str(tiny_dir), "served_model_name": "tiny", "num_cpus": 0.25,
