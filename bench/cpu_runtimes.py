@@ -1,5 +1,5 @@
 """CPU runtimes for one encoder, same batches, same threads: torch (raylib.model.Encoder), ONNX
-Runtime fp32 and int8 (the graphs raylib.onnx_backend exports beside the model), and OpenVINO on
+Runtime fp32 and int8 (the graphs raylib.backends exports beside the model), and OpenVINO on
 those graphs (fp32 and bf16 inference precision) when `openvino` is installed (`pip install
 '.[bench]'`). Decides whether OpenVINO earns a Serve backend: it would have to beat onnx-int8.
 
@@ -70,7 +70,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from raylib.onnx_backend import load_encoder
+    from raylib.backends import load_encoder
     from raylib.registry import resolve_model_path
     from serve_bench import load_texts
 

@@ -236,7 +236,7 @@ def main() -> dict:
         p.error(f"--tokenize-modes takes actor and/or upstream, got {args.tokenize_modes!r}")
     sizes = [int(float(s)) for s in args.sizes.split(",") if s]  # --sizes '': encode comparison only
 
-    from raylib.jobs.ray_env import init_data_ray
+    from raylib.ray_env import init_data_ray
     from raylib.tiny import save_tiny_encoder
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="filter_scale_"))

@@ -111,7 +111,7 @@ def train_in_process(cfg, out: Path) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from raylib.ray_train.loop import build_optimizer, load_encoder, training_step
+    from raylib.training import build_optimizer, load_encoder, training_step
     from raylib.schedule import wsd_scheduler
 
     table = pq.read_table(cfg.data.paths[0]).to_pydict()
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from raylib.config import load_config
     from raylib.jobs.finetune import FinetuneJobConfig
+    from raylib.jobs.prepare import prepare_for_training
     from raylib.ray_train.loop import fit
 
     overrides = [
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(FinetuneJobConfig, "jobs/configs/finetune/debug.yaml", overrides)
     t = time.time()
     if args.trainer == "ray":
-        summary = fit(cfg, cfg.objective)
+        summary = fit(cfg, cfg.objective, prepare_for_training(cfg, cfg.objective))
     else:
         summary = train_in_process(cfg, out / "inprocess")
     timings["finetune_s"] = round(time.time() - t, 1)

@@ -110,7 +110,7 @@ def one(n_docs: int, n_queries: int, shard: int, dim: int) -> dict:
     import ray
 
     from raylib.jobs.mine import main
-    from raylib.jobs.ray_env import init_data_ray
+    from raylib.ray_env import init_data_ray
     from raylib.tiny import save_tiny_encoder
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:

@@ -181,7 +181,7 @@ def main() -> dict:
     if args.job:
         import ray
 
-        from raylib.jobs.ray_env import init_data_ray
+        from raylib.ray_env import init_data_ray
 
         init_data_ray(8, log_to_driver=False)
         with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@ the backend (torch's: 0.6451 for minilm).
     python bench/onnx_quality.py --model minilm --backends onnx-int8 [--docs 500] [--no-ndcg]
 
 Data: ../shared/data/scifact relative to the repository. Last stdout line: one JSON object.
-The same nDCG comes from the evaluate job's `backend` option (raylib.onnx_backend.load_encoder
+The same nDCG comes from the evaluate job's `backend` option (raylib.backends.load_encoder
 + raylib.evaluation.evaluate_encoder, which this script calls).
 """
 
@@ -27,7 +27,7 @@ def backend_quality(model: str, backend: str, data, texts: list[str], ref: np.nd
                     threads: int | None, ndcg: bool) -> dict:
     """Cosine to the torch vectors of `texts`, then (optionally) the full BEIR evaluation."""
     from raylib.evaluation import evaluate_encoder
-    from raylib.onnx_backend import load_encoder
+    from raylib.backends import load_encoder
 
     encoder = load_encoder(model, backend, device="cpu", threads=threads)
     start = time.perf_counter()
@@ -54,7 +54,7 @@ def main() -> None:
     args = p.parse_args()
 
     from raylib.beir import load_beir
-    from raylib.onnx_backend import load_encoder
+    from raylib.backends import load_encoder
 
     data = load_beir(DATA, split="test")
     docs = [t for t in data.doc_texts()[:args.docs] if t.strip()]

@@ -28,7 +28,6 @@ import collections
 import json
 import os
 import random
-import socket
 import subprocess
 import tempfile
 import time
@@ -41,12 +40,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
+from raylib.ports import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_texts(n: int, max_chars: int, seed: int = 0) -> list[str]:
@@ -180,7 +175,7 @@ def deploy_backends(args, port: int) -> dict[str, str]:
     args (colocate, capacity) and this run's model, batch size and threads; returns their URLs."""
     from ray import serve
 
-    from serve.app import app
+    from raylib.ray_serve.app import app
 
     base = {**config_args(), "model": args.model, "max_batch_size": args.max_batch_size,
             "num_cpus": 1, "torch_threads": args.threads,
@@ -307,7 +302,7 @@ def main() -> None:
                    help="also serve torch with the model in its own Encoder deployment (serve/split)")
     p.add_argument("--serve-proxy", action="store_true",
                    help="Serve's Python HTTP proxy instead of HAProxy + direct ingress "
-                        "(serve.app.FAST_INGRESS_ENV): the slower path, for comparison")
+                        "(raylib.ray_serve.app.FAST_INGRESS_ENV): the slower path, for comparison")
     p.add_argument("--no-infinity", action="store_true")
     p.add_argument("--infinity-venv", default="../venvs/infinity",
                    help="relative paths are taken from the repository root")
@@ -317,10 +312,10 @@ def main() -> None:
 
     from ray import serve
 
-    from raylib.jobs.ray_env import init_ray
-    from raylib.onnx_backend import BACKENDS, load_encoder
+    from raylib.ray_env import init_ray
+    from raylib.backends import BACKENDS, load_encoder
     from raylib.registry import resolve_model_path
-    from serve.app import start_serve
+    from raylib.ray_serve.app import start_serve
 
     unknown = set(args.backends) - set(BACKENDS)
     if unknown:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from raylib.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -46,11 +47,11 @@ def p50(fn, n: int) -> float:
 
 
 def old_app_module(rev: str, workdir: Path) -> str:
-    """Write serve/app.py of `rev` as package serve_rev (its replicas import it by that name)."""
+    """Write raylib/ray_serve/app.py of `rev` as package serve_rev (its replicas import it by that name)."""
     pkg = workdir / "serve_rev"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    code = subprocess.run(["git", "show", f"{rev}:serve/app.py"], cwd=ROOT, check=True,
+    code = subprocess.run(["git", "show", f"{rev}:raylib/ray_serve/app.py"], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout
     (pkg / "app.py").write_text(code)
     return "serve_rev.app"
@@ -88,7 +89,7 @@ def profile_app(build, label: str, args, text: str, port: int) -> dict:
     if label == "colocated":  # no Encoder deployment: the model is in the ingress
         serve.delete(label)
         return out
-    handle = serve.get_deployment_handle("Encoder", app_name=label)
+    handle = serve.get_deployment_handle("Batcher", app_name=label)
     loop = asyncio.new_event_loop()
 
     async def call():
@@ -110,16 +111,17 @@ def main() -> None:
                    help="Serve's Python HTTP proxy instead of HAProxy + direct ingress")
     p.add_argument("--colocate", action="store_true",
                    help="also profile the app with the model inside the ingress (one hop fewer)")
-    p.add_argument("--rev", default=None, help="also profile serve/app.py of this git revision")
+    p.add_argument("--rev", default=None, help="also profile raylib/ray_serve/app.py of this git revision")
     args = p.parse_args()
 
     from ray import serve
 
     from raylib.beir import document_text
-    from raylib.jobs.ray_env import init_ray
-    from raylib.onnx_backend import load_encoder
-    from serve.app import FastJSONResponse, app, start_serve
-    from serve.schemas import EmbeddingsRequest
+    from raylib.ray_env import init_ray
+    from raylib.backends import load_encoder
+    from raylib.ray_serve.app import app, start_serve
+    from raylib.ray_serve.middleware import FastJSONResponse
+    from raylib.ray_serve.schemas import EmbeddingsRequest
 
     corpus = ROOT / ".." / "shared" / "data" / "scifact" / "corpus.jsonl"
     if corpus.exists():
@@ -148,12 +150,7 @@ def main() -> None:
         old = load_module(old_app_module(args.rev, Path(tmp.name)), Path(tmp.name))
         variants[f"rev_{args.rev}"] = lambda a: old.app({**a, "batch_wait_timeout_s": 0.005})
     init_ray(num_cpus=8, log_to_driver=False)
-    port = 0
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     start_serve(port=port, fast_ingress=not args.serve_proxy, drain_s=1)
     report["ingress"] = "serve-proxy" if args.serve_proxy else "haproxy-direct"
     for label, build in variants.items():

@@ -4,7 +4,7 @@ that stream their rows of each step from the shards, for growing synthetic pair 
   python bench/train_data_scale.py --sizes 1000000,5000000
 
 For each size, in a fresh process with its own local Ray: pairs written in parts of `--part` rows
-(one raylib.ray_train.data.synthetic_pairs part, copied with distinct ids: generating 5M rows row by
+(one raylib.train_data.synthetic_pairs part, copied with distinct ids: generating 5M rows row by
 row would take longer than the measurement), then
 - the prepare job (raylib.jobs.prepare, a Ray Data job): pairs/s;
 - a short pretraining run on the prepared data (tiny model, 2 Train workers, 2 CPU threads):
@@ -76,7 +76,7 @@ def write_parts(n: int, part: int, out: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raylib.ray_train.data import synthetic_pairs
+    from raylib.train_data import synthetic_pairs
 
     out.mkdir(parents=True, exist_ok=True)
     base = synthetic_pairs(min(part, n), SOURCES, seed=0)
@@ -92,6 +92,7 @@ def child(n: int, args: argparse.Namespace) -> dict:
     from raylib.config import load_config
     from raylib.jobs.prepare import PrepareConfig, prepare
     from raylib.jobs.pretrain import PretrainConfig
+    from raylib.jobs.prepare import prepare_for_training
     from raylib.ray_train.loop import fit
     from raylib.train_config import ModelSection
 
@@ -112,7 +113,7 @@ def child(n: int, args: argparse.Namespace) -> dict:
             "train.log_every=1000", f"checkpoint.storage_path={tmp / 'ckpt'}", "checkpoint.every_steps=1000",
             "synthetic.rows=0", "scaling.num_workers=2", "scaling.max_failures=0"])
         fit_start = time.time()
-        result = fit(cfg, cfg.loss)
+        result = fit(cfg, cfg.loss, prepare_for_training(cfg, cfg.loss))
         rows = [json.loads(x) for x in Path(result["metrics_path"]).read_text().splitlines() if x.strip()]
     later = rows[1:]
     return {"rows": manifest["rows"], "prepare_s": round(prepare_s, 1),

@@ -23,8 +23,10 @@ import pyarrow.parquet as pq
 import torch
 
 from raylib.gradcache import forward_backward
-from raylib.ray_train.data import iter_steps, make_plan, split_sources, synthetic_pairs
-from raylib.ray_train.loop import build_optimizer, fit, load_encoder, train_flops_per_token, training_step
+from raylib.train_data import iter_steps, make_plan, split_sources, synthetic_pairs
+from raylib.jobs.prepare import prepare_for_training
+from raylib.ray_train.loop import fit
+from raylib.training import build_optimizer, load_encoder, train_flops_per_token, training_step
 from raylib.train_config import CheckpointSection, DataSection, ModelSection, ScalingSection, TrainJobConfig, TrainSection
 from raylib.objectives.contrastive import ContrastiveObjective
 from raylib.schedule import wsd_scheduler
@@ -115,7 +117,8 @@ def main() -> None:
         if args.skip_ray:
             return
         plain_first = plain_loop(cfg, tables, plan, device)
-        summary = fit(cfg, objective_factory(cfg))
+        objective = objective_factory(cfg)
+        summary = fit(cfg, objective, prepare_for_training(cfg, objective))
         plain_second = plain_loop(cfg, tables, plan, device)
         rows = [json.loads(x) for x in Path(summary["metrics_path"]).read_text().splitlines()]
         ray_times = [r["step_s"] for r in rows][2:]  # drop warm-up steps in both

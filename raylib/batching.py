@@ -1,8 +1,9 @@
 """M3's length-grouped batching (M3 §3.4, App. B.1 Table 9): examples are grouped by token length
 into buckets, each bucket has its own (global) batch size, bigger for shorter texts, and every
-mini-batch comes from one bucket. The schedule is a pure function of (lengths, buckets, seed,
-epoch), so every rank computes the same one ("the random seed is always fixed") and takes its
-share: at each step all ranks work on the same bucket, which balances their load.
+mini-batch comes from one bucket. Training uses `bucket_sources`: raylib.prepare tags each row's
+source with its bucket, and the batch plan of raylib.train_data gives each tagged source its own
+batch size. `length_grouped_schedule` is the in-memory reference schedule the tests check
+(tests/test_m3_loss.py); no job calls it.
 """
 
 from __future__ import annotations

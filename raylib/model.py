@@ -20,13 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raylib.model_files import COLBERT_FILE, SETTINGS_FILE, SPARSE_FILE, write_model_dir
 from raylib.registry import resolve_model_path
 
 logger = logging.getLogger(__name__)
-
-SETTINGS_FILE = "raylib_settings.json"
-COLBERT_FILE = "colbert_linear.pt"
-SPARSE_FILE = "sparse_linear.pt"
 
 Kind = Literal["query", "document"]
 
@@ -77,20 +74,6 @@ def _settings_from_sentence_transformers(path: Path) -> EncoderSettings:
         settings.query_prefix = prompts.get("query", "")
         settings.document_prefix = prompts.get("document", prompts.get("passage", ""))
     return settings
-
-
-def _write_sentence_transformers_files(path: Path, settings: EncoderSettings) -> None:
-    """Write modules.json + 1_Pooling (+ 2_Normalize) so sentence-transformers loads the dir."""
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]
-    if settings.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-        (path / "2_Normalize").mkdir(exist_ok=True)
-    (path / "modules.json").write_text(json.dumps(modules, indent=2))
-    (path / "1_Pooling").mkdir(exist_ok=True)
 
 
 @dataclass(frozen=True)
@@ -338,30 +321,9 @@ class Encoder(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write an HF dir + BGE-M3 head files + sentence-transformers modules + our settings."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         backbone = getattr(self.backbone, "module", self.backbone)
-        backbone.save_pretrained(str(path), safe_serialization=True)
-        self.tokenizer.save_pretrained(str(path))
-        if self.sparse_linear is not None:
-            torch.save({k: v.detach().cpu() for k, v in self.sparse_linear.state_dict().items()},
-                       path / SPARSE_FILE)
-        if self.colbert_linear is not None:
-            torch.save({k: v.detach().cpu() for k, v in self.colbert_linear.state_dict().items()},
-                       path / COLBERT_FILE)
-        (path / SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(self.settings), indent=2))
-        _write_sentence_transformers_files(path, self.settings)
-        pooling = {"word_embedding_dimension": self.hidden_size,
-                   "pooling_mode_cls_token": self.settings.pooling == "cls",
-                   "pooling_mode_mean_tokens": self.settings.pooling == "mean",
-                   "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}
-        (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
-        (path / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": self.settings.max_length, "do_lower_case": False}))
-        prompts = {"query": self.settings.query_prefix, "document": self.settings.document_prefix}
-        (path / "config_sentence_transformers.json").write_text(
-            json.dumps({"prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine"}))
-        return path
+        return write_model_dir(Path(path), backbone, self.tokenizer, dataclasses.asdict(self.settings),
+                               self.hidden_size, self.sparse_linear, self.colbert_linear)
 
     # ----------------------------------------------------------------- tokenization
     def prefix(self, kind: Kind) -> str:

@@ -1,12 +1,15 @@
-"""Short model names (minilm, me5-small) resolved to local directories: everything ships in a
-package, nothing comes from a hub. Kept apart from model.py so model.py and convert.py do not
-import each other (convert.py writes models with model.Encoder)."""
+"""Short model names (minilm, me5-small) and s3:// model directories resolved to local
+directories: everything ships in a package, nothing comes from a hub. raylib.model imports this;
+me5-small is converted on first use by raylib.convert, which writes through raylib.model_files and
+never imports raylib.model, so the three form no circle."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Callable
+
+from raylib.storage import cache_dir
 
 
 def _minilm_path() -> str:
@@ -22,11 +25,6 @@ def _me5_small_path() -> str:
 
 
 MODEL_NAMES: dict[str, Callable[[], str]] = {"minilm": _minilm_path, "me5-small": _me5_small_path}
-
-
-def cache_dir() -> Path:
-    """$RAYLIB_CACHE or ~/.cache/raylib: converted models, checkpoints copied from storage."""
-    return Path(os.environ.get("RAYLIB_CACHE") or Path.home() / ".cache" / "raylib")
 
 
 def _storage_key(uri: str) -> str:

@@ -7,6 +7,7 @@ complete against some S3-compatible servers (moto), and delayed open avoids that
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import pyarrow.fs as pafs
@@ -142,3 +143,8 @@ def copy_tree(src: str, dst: str) -> None:
 def join(base: str, *parts: str) -> str:
     """Join path parts; works for s3:// URIs too."""
     return "/".join([str(base).rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def cache_dir() -> Path:
+    """$RAYLIB_CACHE or ~/.cache/raylib: converted models, checkpoints copied from storage."""
+    return Path(os.environ.get("RAYLIB_CACHE") or Path.home() / ".cache" / "raylib")

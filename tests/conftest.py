@@ -36,7 +36,7 @@ def ray_session(tmp_path_factory):
     import ray
     from ray.data import DataContext
 
-    from raylib.jobs.ray_env import init_ray
+    from raylib.ray_env import init_ray
 
     init_ray(num_cpus=8, log_to_driver=False)
     DataContext.get_current().execution_no_progress_timeout_s = 120

@@ -2,7 +2,7 @@
 
 What an offline check can say about `ray up cluster/h100.yaml`: the file is valid for Ray's launcher,
 the image tag names the pinned Ray and a CUDA that matches the torch build it installs, every node
-installs the project (so `serve.app` imports there) with exactly one FAISS build, and GPU workers
+installs the project (so `raylib.ray_serve.app` imports there) with exactly one FAISS build, and GPU workers
 get EFA. Whether the tags, the AMI and the EFA path exist and work needs a real `ray up`.
 """
 
@@ -266,35 +266,35 @@ def test_bad_copies_fail(name, tmp_path):
 
 
 def test_serve_config_validates_for_serve_deploy():
-    """serve/config.yaml is what `serve deploy` accepts (Ray's ServeDeploySchema), importing serve.app."""
+    """serve/config.yaml is what `serve deploy` accepts (Ray's ServeDeploySchema), importing raylib.ray_serve.app."""
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
     app = schema.applications[0]
-    assert app.import_path == "serve.app:app"
+    assert app.import_path == "raylib.ray_serve.app:app"
     assert "working_dir" not in (app.runtime_env or {}), "the project is installed on every node"
 
 
-def test_wheel_ships_serve_and_imports_outside_the_repo(tmp_path):
-    """The built wheel holds serve/ beside raylib/, and serve.app imports from it with no repo on the path."""
+def test_wheel_ships_the_serve_app_and_imports_outside_the_repo(tmp_path):
+    """The built wheel holds the Serve app (raylib/ray_serve/), and raylib.ray_serve.app imports from it with no repo on the path."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         (src / name).write_text((ROOT / name).read_text())
-    for pkg in ("raylib", "serve"):
+    for pkg in ("raylib",):
         subprocess.run(["cp", "-r", str(ROOT / pkg), str(src / pkg)], check=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path / "dist"), str(src)], check=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("raylib_embed-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"serve/__init__.py", "serve/app.py", "serve/schemas.py", "raylib/__init__.py"} <= set(names)
+    assert {"raylib/ray_serve/__init__.py", "raylib/ray_serve/app.py", "raylib/ray_serve/schemas.py", "raylib/__init__.py"} <= set(names)
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                     "--target", str(target), str(wheel)], check=True, timeout=300)
     empty = tmp_path / "elsewhere"
     empty.mkdir()
-    probe = ("import serve.app, raylib, sys; print(serve.app.__file__); "
-             "assert serve.app.__file__.startswith(sys.argv[1]), serve.app.__file__")
+    probe = ("import raylib.ray_serve.app, raylib, sys; print(raylib.ray_serve.app.__file__); "
+             "assert raylib.ray_serve.app.__file__.startswith(sys.argv[1]), raylib.ray_serve.app.__file__")
     out = subprocess.run([sys.executable, "-c", probe, str(target)], cwd=empty, capture_output=True,
                          text=True, timeout=300, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin",
                                                       "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"})

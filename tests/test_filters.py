@@ -111,7 +111,7 @@ def test_document_keys():
 
 
 def test_row_reasons_without_ray():
-    from raylib.ray_data.io import parse_jsonl_lines, row_reasons
+    from raylib.reader import parse_jsonl_lines, row_reasons
 
     lines = [b'{"query": "q", "document": "d"}', b'{"query": null, "document": "d"}',
              b'{"query": 7, "document": "d"}', b'{"query": " ", "document": "d"}',

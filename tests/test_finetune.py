@@ -15,7 +15,7 @@ from raylib.losses.m3 import M3Weights
 from raylib.metrics import evaluate
 from raylib.model import Encoder
 from raylib.objectives.finetune import FinetuneObjective, select_groups
-from raylib.ray_train.loop import build_optimizer, training_step
+from raylib.training import build_optimizer, training_step
 from raylib.train_config import TrainSection
 from raylib.schedule import wsd_scheduler
 from raylib.scoring import hybrid_scores, score_encoded
@@ -205,7 +205,7 @@ def test_finetune_job_two_workers_cross_worker_m3_equals_one_batch(tmp_path, ray
         ids += next(r["ids"] for r in step0 if r["step"] == 0)
     # the same rows, one process, the same initial weights: in-batch over all 8 groups
     cfg = load_config(FinetuneJobConfig, "jobs/configs/finetune/debug.yaml", overrides)
-    from raylib.ray_train.loop import load_encoder
+    from raylib.training import load_encoder
 
     torch.manual_seed(cfg.train.seed)
     encoder = load_encoder(cfg.model, cfg.train.seed)
@@ -226,7 +226,7 @@ def test_length_grouping_tags_sources_by_bucket(tmp_path, ray_session):
     per-bucket sources of the manifest, token ids and all, nothing lost, nothing on the driver's disk."""
     from raylib.config import load_config
     from raylib.jobs.finetune import FinetuneJobConfig, apply_length_grouping
-    from raylib.ray_train.data import PreparedData, make_plan
+    from raylib.train_data import PreparedData, make_plan
 
     rows = _synthetic(6, 4)
     rows["positive"][2] = " ".join(["cat"] * 40)  # one long group
@@ -250,7 +250,7 @@ def test_length_grouping_tags_sources_by_bucket(tmp_path, ray_session):
 def test_m3_mode_gives_a_dense_checkpoint_fresh_heads(tiny_dir, tmp_path):
     from raylib.config import load_config
     from raylib.jobs.finetune import FinetuneJobConfig
-    from raylib.ray_train.loop import load_encoder
+    from raylib.training import load_encoder
 
     dense_dir = Encoder.from_pretrained(tiny_dir)
     dense_dir.sparse_linear = dense_dir.colbert_linear = None  # a dense model, as minilm is

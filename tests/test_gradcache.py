@@ -5,7 +5,6 @@ with dict-of-tensor reps (dense + multi-vector + sparse), and composed with the 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from raylib.gradcache import RandContext, forward_backward, pad_features
 from raylib.objectives.contrastive import ContrastiveObjective
 from raylib.tiny import tiny_encoder
+from raylib.ports import free_port
 
 ROWS = {"query": ["cat river", "dog house", "king war music", "red tree", "blue car", "water cell",
                   "film book", "gene protein"],
@@ -150,9 +150,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_two_workers_with_gather_equal_one_worker(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     encoder = tiny_encoder(hidden_size=32, seed=0).train()
     single = _run(encoder, _objective(), ROWS, None)

@@ -321,8 +321,7 @@ def test_keyed_index_gpu_request_falls_back_on_cpu_when_no_gpu():
 
 
 def test_mine_job_plans_shards_from_its_index_budget():
-    from raylib.jobs.mine import MineJobConfig
-    from raylib.ray_data.mining import index_budget, shard_plan
+    from raylib.jobs.mine import MineJobConfig, index_budget, shard_plan
 
     cfg = MineJobConfig()
     assert index_budget(cfg) == M.IndexBudget()  # no budget given: the count-based plan

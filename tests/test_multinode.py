@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from raylib.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -42,11 +42,6 @@ STAGE_SETS = {
                      "scaling.num_workers=2", f"scaling.cpus_per_worker={WORKER_CPUS}"],
 }
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 10) -> dict:
@@ -129,7 +124,7 @@ def stop(proc: subprocess.Popen) -> None:
 def cluster():
     """Head (0 CPUs: nothing runs there but Ray's own services and the drivers' connections) and
     two worker nodes, each with its own temp dir; the nodes see no AWS_* or RAYLIB_CACHE (what a
-    job needs travels with it: raylib.jobs.ray_env forwards the driver's)."""
+    job needs travels with it: raylib.ray_env forwards the driver's)."""
     env = {k: v for k, v in os.environ.items()
            if k != "RAY_ADDRESS" and not k.startswith("AWS_") and k != "RAYLIB_CACHE"}
     env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -190,7 +185,7 @@ def listing(uri: str) -> dict[str, tuple[int, int]]:
 
 def scratch_dir(location: str) -> Path:
     """Rank 0's node-local scratch dir of a training stage on s3:// (a temp dir, not the cwd)."""
-    from raylib.ray_train.loop import run_dir
+    from raylib.training import run_dir
     from raylib.train_config import CheckpointSection, TrainJobConfig
 
     storage, name = location.rsplit("/", 1)

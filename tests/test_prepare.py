@@ -15,8 +15,8 @@ import torch
 
 from raylib.objectives.contrastive import ContrastiveObjective
 from raylib.objectives.finetune import FinetuneObjective
-from raylib.ray_data.prepare import PrepareSpec, prepare_batch
-from raylib.ray_train.data import iter_prepared_steps, make_plan, runs_of, synthetic_pairs, table_rows
+from raylib.prepare import PrepareSpec, prepare_batch
+from raylib.train_data import iter_prepared_steps, make_plan, runs_of, synthetic_pairs, table_rows
 from raylib.tiny import tiny_encoder
 
 TINY = {"hidden_size": 32, "num_layers": 2, "max_length": 64}
@@ -137,7 +137,7 @@ def test_workers_read_exactly_the_reference_plan(ray_session, tmp_path):
     the same manifest counts, and at every step each worker reads exactly the rows the plain-Python
     reference gives it (ids), from shards with small row groups (runs cross row groups and files)."""
     from raylib.jobs.prepare import PrepareConfig, prepare
-    from raylib.ray_train.data import PreparedData
+    from raylib.train_data import PreparedData
     from raylib.train_config import ModelSection
 
     table = synthetic_pairs(240, {"web/en": 2.0, "news/de": 1.0, "wiki": 1.0}, seed=7)

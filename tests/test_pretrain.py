@@ -14,8 +14,8 @@ import torch
 
 from raylib.config import load_config
 from raylib.model import Encoder
-from raylib.ray_train.data import iter_steps, make_plan, split_sources, synthetic_pairs
-from raylib.ray_train.loop import build_optimizer, load_encoder, plot_metrics, training_step
+from raylib.train_data import iter_steps, make_plan, split_sources, synthetic_pairs
+from raylib.training import build_optimizer, load_encoder, plot_metrics, training_step
 from raylib.train_config import ModelSection, TrainSection
 from raylib.objectives.contrastive import ContrastiveObjective
 from raylib.schedule import wsd_factor, wsd_scheduler
@@ -176,6 +176,7 @@ def _resume_check(data: str, tmp_path: Path, extra: list[str]) -> None:
     """A run killed at step 7 by an injected failure ends with the weights of an uninterrupted run
     and consumed every planned example exactly once (each step's rows read from prepared shards)."""
     from raylib.jobs.pretrain import PretrainConfig
+    from raylib.jobs.prepare import prepare_for_training
     from raylib.ray_train.loop import fit
 
     common = [f"data.paths=[{data}]", "data.global_batch_size=8", "data.epochs=1",
@@ -186,8 +187,8 @@ def _resume_check(data: str, tmp_path: Path, extra: list[str]) -> None:
     plain = load_config(PretrainConfig, config, common + ["checkpoint.name=plain"])
     failing = load_config(PretrainConfig, config, common + ["checkpoint.name=failing",
                                                                 "train.fail_at_step=7"])
-    a = fit(plain, plain.loss)
-    b = fit(failing, failing.loss)
+    a = fit(plain, plain.loss, prepare_for_training(plain, plain.loss))
+    b = fit(failing, failing.loss, prepare_for_training(failing, failing.loss))
     fail_dir = Path(b["output"])
     assert (fail_dir / "failed_at_7").exists()  # the failure did happen (and once)
     steps = a["plan"]["total_steps"]

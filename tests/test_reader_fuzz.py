@@ -16,8 +16,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from raylib.ray_data.io import (iter_jsonl_file, iter_parquet_file, read_table, row_reasons,
-                                split_rejects)
+from raylib.ray_data.io import read_table, split_rejects
+from raylib.reader import iter_jsonl_file, iter_parquet_file, row_reasons
 
 REQUIRED = ["query", "document", "source", "language"]
 MAX_CHARS = 500
@@ -216,7 +216,7 @@ def test_readers_without_ray(tmp_path, seed):
 
 
 def test_line_over_the_limit_is_rejected_unread(tmp_path, monkeypatch):
-    import raylib.ray_data.io as io
+    import raylib.reader as io
 
     monkeypatch.setattr(io, "MAX_LINE_BYTES", 1 << 20)
     ok = json.dumps({"query": "q", "document": "d", "source": "s", "language": "l"}).encode()

@@ -4,7 +4,6 @@ input read from s3://, kept pairs, rejects and summary written back to s3://."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,12 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 from test_filter_job import make_input, patient_ray  # noqa: E402,F401  (data maker, fixture)
+from raylib.ports import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -25,7 +20,7 @@ def s3_server(monkeypatch):
     """moto's threaded S3 server; AWS_* env points pyarrow/boto3 (and Ray workers) at it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -1,6 +1,6 @@
 """Ray Serve app over real HTTP on loopback: OpenAI embeddings, /encode, /rerank, errors, auth,
 backpressure, and a bounded load test. Three apps share one Serve instance on a free port, behind
-the shipped fast ingress (HAProxy + direct ingress, serve.app.start_serve): `embed` (tiny BERT
+the shipped fast ingress (HAProxy + direct ingress, raylib.ray_serve.app.start_serve): `embed` (tiny BERT
 with M3 heads, API key, torch backend, the model inside the ingress as serve/config.yaml deploys
 it) at /, the same on the onnx-int8 backend with the model in its own Encoder deployment (the
 ingress calls it over gRPC) at /int8 (the API tests run against both), and `tight` (tiny model
@@ -12,11 +12,11 @@ import base64
 import concurrent.futures as cf
 import os
 import random
-import socket
 import time
 
 import numpy as np
 import pytest
+from raylib.ports import free_port
 
 httpx = pytest.importorskip("httpx")
 
@@ -29,11 +29,6 @@ TEXTS = [f"document {i}: " + " ".join(["alpha", "beta", "gamma", "delta", "retri
                                      for j in range(1 + (i * 7) % 23)) for i in range(40)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_dir, tmp_path_factory):
@@ -41,10 +36,10 @@ def server(ray_session, tiny_dir, tmp_path_factory):
     from ray import serve
 
     from raylib.tiny import save_tiny_encoder
-    from serve.app import app, start_serve
+    from raylib.ray_serve.app import app, start_serve
 
     plain_dir = save_tiny_encoder(tmp_path_factory.mktemp("tiny_plain") / "model", m3_heads=False)
-    port = _free_port()
+    port = free_port()
     start_serve(port=port, drain_s=1)  # the shipped fast ingress (HAProxy + direct ingress)
     for backend, prefix in BACKENDS.items():
         serve.run(app({"model": str(tiny_dir), "served_model_name": "tiny", "num_cpus": 0.25,
@@ -411,9 +406,9 @@ def test_lone_surrogate_in_the_model_name_is_echoed_as_valid_json(client):
 def test_one_bad_call_in_a_batch_never_fails_the_others(tiny_dir, reference):
     """The replica's batch function, in-process: a call whose text the tokenizer rejects (a lone
     surrogate that got past the ingress) gets its own 400; the calls batched with it succeed."""
-    from serve.app import EncoderDeployment
+    from raylib.ray_serve.batcher import Batcher
 
-    replica = EncoderDeployment.func_or_class({"model": str(tiny_dir), "num_cpus": 1})
+    replica = Batcher.func_or_class({"model": str(tiny_dir), "num_cpus": 1})
     good = [{"texts": TEXTS[:2], "kind": "document", "dim": 8},
             {"texts": TEXTS[5:6], "kind": "document", "sparse": True}]
     bad = {"texts": ["fine", "bad \ud800"], "kind": "document"}
@@ -434,7 +429,7 @@ def test_take_batch_oldest_first_then_nearest_lengths_within_limit():
     are the calls nearest to it in length, never past max_batch_size texts, others keep order."""
     import collections
 
-    from serve.app import take_batch
+    from raylib.ray_serve.batcher import take_batch
 
     def call(name, *lengths):
         return ({"texts": ["x" * n for n in lengths]}, name)
@@ -468,10 +463,14 @@ def test_deploy_configs_validate():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import FAST_INGRESS_ENV
-    from serve.schemas import ServeArgs
+    from raylib.ray_serve.app import FAST_INGRESS_ENV
+    from raylib.ray_serve.settings import ServeArgs, deploy_args
 
     root = Path(__file__).resolve().parents[1]
+    # ServeArgs' defaults are the CPU deploy config's args: one home for the settings
+    assert deploy_args(root / "serve" / "config.yaml") == ServeArgs()
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        ServeArgs(max_batch_size=16, max_ongoing_requests=8)
     for name in ("config.yaml", "config_gpu.yaml"):
         config = yaml.safe_load((root / "serve" / name).read_text())
         ServeDeploySchema.model_validate(config)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 import threading
 import time
 
 import numpy as np
 import pytest
+from raylib.ports import free_port
 
 httpx = pytest.importorskip("httpx")
 
@@ -21,19 +21,14 @@ WORDS = "alpha beta gamma delta retrieval ray protein cell gene the of and query
 N_VALID, N_BAD, CLIENTS = 160, 160, 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def fuzz_server(ray_session, tiny_dir):
     from ray import serve
 
-    from serve.app import app, start_serve
+    from raylib.ray_serve.app import app, start_serve
 
-    port = _free_port()
+    port = free_port()
     start_serve(port=port, drain_s=1)  # the shipped fast ingress (HAProxy + direct ingress)
     serve.run(app({"model": str(tiny_dir), "served_model_name": "tiny", "num_cpus": 0.25,
                    "max_batch_size": 16, "max_inputs_per_request": 8,

@@ -37,7 +37,7 @@ class EvaluateConfig:
     dims: list[int] = field(default_factory=list)                 # Matryoshka truncations of dense
     quantization: list[str] = field(default_factory=lambda: ["none"])  # none, int8, binary
     batch_size: int = 64
-    backend: str = "torch"           # torch, onnx (fp32) or onnx-int8 (raylib.onnx_backend)
+    backend: str = "torch"           # torch, onnx (fp32) or onnx-int8 (raylib.backends)
     output: str = ""                 # local dir or s3:// (default runs/evaluate/<data>-<split>-<model>)
 
     def __post_init__(self) -> None:
@@ -75,7 +75,7 @@ def run(cfg: EvaluateConfig) -> dict:
     if cfg.backend == "torch":
         encoder = Encoder.from_pretrained(cfg.model)
     else:
-        from raylib.onnx_backend import load_encoder
+        from raylib.backends import load_encoder
 
         encoder = load_encoder(cfg.model, cfg.backend)
     data = _load_data(cfg.data, cfg.split)

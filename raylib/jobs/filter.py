@@ -93,11 +93,11 @@ def run(cfg: FilterConfig) -> dict:
     import pyarrow as pa
 
     import ray
-    from raylib.jobs.ray_env import init_data_ray
+    from raylib.ray_env import init_data_ray
     from raylib.ray_data import consistency as cons
     from raylib.ray_data.embed import embed
-    from raylib.ray_data.io import (ROWS_PER_BATCH, count_rows, read_table, split_rejects,
-                                    value_counts, write_parquet)
+    from raylib.ray_data.io import read_table, split_rejects, write_parquet
+    from raylib.reader import ROWS_PER_BATCH, count_rows, value_counts
 
     init_data_ray(cfg.local_num_cpus, cfg.block_mib)
     t_start = time.perf_counter()

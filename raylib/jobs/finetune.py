@@ -54,11 +54,15 @@ def apply_length_grouping(cfg: FinetuneJobConfig) -> dict:
 
 def run(cfg: FinetuneJobConfig) -> dict:
     """Finetune; writes summary.json into the run's storage location, reports, returns the summary."""
+    from raylib.jobs.prepare import prepare_for_training
     from raylib.jobs.summary import finish_training
     from raylib.ray_train.loop import fit
+    from raylib.training import check_scaling
 
+    check_scaling(cfg)
     grouping = apply_length_grouping(cfg) if cfg.length_grouping.bounds else None
-    result = fit(cfg, cfg.objective)
+    prepared = prepare_for_training(cfg, cfg.objective)  # a Ray Data job, or a matching manifest reused
+    result = fit(cfg, cfg.objective, prepared)
     if grouping is not None:
         result["length_grouping"] = grouping
     return finish_training("finetune", cfg, result)

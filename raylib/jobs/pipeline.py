@@ -60,6 +60,7 @@ class ServeSection:
     enabled: bool = True
     port: int = 8000
     keep_running: bool = False       # true: leave the app up (Ctrl-C to stop; always on a cluster)
+    config: str = "serve/config.yaml"  # the deploy config whose application args are served (model replaced)
 
 
 @dataclass
@@ -162,13 +163,15 @@ def serve_and_query(model: str, cfg: ServeSection) -> dict:
     import ray
     from ray import serve
 
-    from raylib.jobs.ray_env import init_ray
-    from serve.app import app as build_app, start_serve
+    from raylib.ray_env import init_ray
+    from raylib.ray_serve.app import app as build_app, start_serve
+    from raylib.ray_serve.settings import deploy_args
 
     joined = init_ray(log_to_driver=False)  # the pipeline's own Ray (share_ray) or the cluster
     # a local app is torn down below; on a cluster HAProxy keeps Serve's fixed admin ports
     start_serve(port=cfg.port, drain_s=None if joined else 1, free_admin_ports=not joined)
-    serve.run(build_app({"model": model}), name="raylib", route_prefix="/")
+    args = deploy_args(_config_path(cfg.config)).model_copy(update={"model": model})
+    serve.run(build_app(args), name="raylib", route_prefix="/")
     base = f"http://127.0.0.1:{cfg.port}"
     with urllib.request.urlopen(f"{base}/v1/models", timeout=120) as response:
         served_name = json.loads(response.read())["data"][0]["id"]
@@ -198,7 +201,7 @@ def share_ray(num_cpus: int) -> None:
     RAY_ADDRESS: one Ray start for the whole pipeline instead of one per stage."""
     import ray
 
-    from raylib.jobs.ray_env import init_ray
+    from raylib.ray_env import init_ray
 
     init_ray(num_cpus, log_to_driver=False)
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

@@ -8,7 +8,7 @@ Reads Parquet/JSONL (local or s3://), splits rows by source x language (+ `#len<
 M3 §3.4), tokenizes queries and documents with the model's tokenizer (prefixes, max lengths) in
 map_batches tasks and writes `<output>/shards/<source>/part-*.parquet` (row groups of
 `row_group_rows`) and `<output>/manifest.json` (rows per source and file, tokenizer identity, max
-lengths, seed). Train workers (raylib.ray_train.data.PreparedData) read their rows of each step
+lengths, seed). Train workers (raylib.train_data.PreparedData) read their rows of each step
 straight from the shards. pretrain/finetune run this stage themselves when `data.prepared` is empty
 (into `<checkpoint.storage_path>/<checkpoint.name>/prepared`) and reuse a matching manifest.
 """
@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from raylib.config import parse_job_args
 from raylib.jobs.summary import config_errors_exit
 from raylib.train_config import ModelSection
+
+if TYPE_CHECKING:
+    from raylib.prepare import PrepareSpec
 
 MANIFEST = "manifest.json"
 
@@ -51,7 +54,7 @@ class PrepareConfig:
 
 def spec_of(cfg: PrepareConfig, input_bytes: int) -> Any:
     """The PrepareSpec the tasks get (partitions from the input size: file size only)."""
-    from raylib.ray_data.prepare import PrepareSpec, partitions_for
+    from raylib.prepare import PrepareSpec, partitions_for
 
     return PrepareSpec(cfg.kind, cfg.model.name_or_path, tuple(sorted(cfg.model.tiny.items())),
                        cfg.query_max_length, cfg.document_max_length, cfg.num_negatives,
@@ -82,10 +85,28 @@ def settings_key(manifest: dict) -> dict:
     return {k: v for k, v in manifest.items() if k not in skip}
 
 
+def run_pipeline(inputs: Sequence[str], output: str, spec: "PrepareSpec",
+                 read_blocks: int | None = None) -> list[dict]:
+    """The distributed part: read, prepare, group, write; returns the per-file metadata rows."""
+    from raylib.prepare import prepare_batch, write_group
+    from raylib.ray_data.io import read_table
+    from raylib.reader import ROWS_PER_BATCH
+    from raylib.storage import filesystem_for
+
+    ds = read_table(list(inputs), override_num_blocks=read_blocks or None)
+    ds = ds.map_batches(prepare_batch, fn_args=(spec,), batch_format="pyarrow", zero_copy_batch=True,
+                        batch_size=ROWS_PER_BATCH)
+    # one shuffle partition per key range: a reduce task then holds about partition_mib of rows
+    fs, root = filesystem_for(output)
+    meta = ds.groupby(["source", "part"], num_partitions=spec.partitions).map_groups(
+        write_group, fn_args=(fs, root, spec.row_group_rows, spec.row_groups_per_file), batch_format="pyarrow")
+    return meta.take_all()
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the stage (or reuse a matching manifest); returns the manifest with `location`."""
-    from raylib.jobs.ray_env import init_data_ray
-    from raylib.ray_data.prepare import build_manifest, load_text_tokenizer, run_pipeline, tokenizer_identity
+    from raylib.ray_env import init_data_ray
+    from raylib.prepare import build_manifest, load_text_tokenizer, tokenizer_identity
     from raylib.storage import exists, filesystem_for, join, read_text, write_text
 
     if not cfg.input:
@@ -130,7 +151,7 @@ def prepare_for_training(cfg: Any, objective: Any) -> dict:
     output = absolute(d.prepared or join(cfg.checkpoint.storage_path, cfg.checkpoint.name, "prepared"))
     if not d.paths:
         if d.prepared:  # an already prepared location, no raw input given
-            from raylib.ray_train.data import PreparedData
+            from raylib.train_data import PreparedData
 
             return {**PreparedData.open(output).manifest, "location": output, "reused": True}
         raise ValueError("data.paths is empty")

@@ -41,7 +41,7 @@ def write_synthetic(cfg: PretrainConfig) -> None:
     """The synthetic pair set of the debug config, written to data.paths[0] (local or s3://)."""
     import pyarrow.parquet as pq
 
-    from raylib.ray_train.data import synthetic_pairs
+    from raylib.train_data import synthetic_pairs
     from raylib.storage import filesystem_for
 
     if not cfg.data.paths:
@@ -54,12 +54,16 @@ def write_synthetic(cfg: PretrainConfig) -> None:
 
 def run(cfg: PretrainConfig) -> dict:
     """Pretrain; writes summary.json into the run's storage location, reports, returns the summary."""
+    from raylib.jobs.prepare import prepare_for_training
     from raylib.jobs.summary import finish_training
     from raylib.ray_train.loop import fit
+    from raylib.training import check_scaling
 
+    check_scaling(cfg)
     if cfg.synthetic.rows > 0:
         write_synthetic(cfg)
-    return finish_training("pretrain", cfg, fit(cfg, cfg.loss))
+    prepared = prepare_for_training(cfg, cfg.loss)  # a Ray Data job, or a matching manifest reused
+    return finish_training("pretrain", cfg, fit(cfg, cfg.loss, prepared))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

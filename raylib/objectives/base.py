@@ -39,9 +39,19 @@ class Objective(Protocol):
       Returns (scalar loss, {metric: float}). Cross-worker gathers happen in here: every rank calls
       loss exactly once per step. The loss is this rank's mean; the loop averages gradients over ranks
       (DDP), so the loss should be the global loss restricted to this rank's queries.
-    - optional attribute `pad_across_workers: bool` (default False): when True the loop pads each side
-      to the longest length over all workers, so gathered per-token reps (multi-vector) line up.
+    - `query_max_length`, `document_max_length`: token caps; the prepare stage tokenizes with them and
+      the loop checks that prepared data was made with them (raylib.training.check_prepared).
+    Optional attributes, read with getattr/hasattr (absent means the default):
+    - `num_negatives: int`: the objective trains on mined rows (query, positive, negatives); absent:
+      on pairs. The prepare stage and check_prepared take the kind of rows from it.
+    - `pad_across_workers: bool` (default False): when True the loop pads each side to the longest
+      length over all workers, so gathered per-token reps (multi-vector) line up.
+    - `find_unused_parameters: bool` (default: the model has M3 heads): DDP's flag, for an objective
+      that leaves some heads of the model unused.
     """
+
+    query_max_length: int
+    document_max_length: int
 
     def features(self, model: Encoder, rows: dict[str, list]) -> Features: ...
 

@@ -238,9 +238,3 @@ class LengthGroupingSection:
         return {f"#len<={b}": int(n) for b, n in zip(self.bounds, self.batch_sizes)}
 
 
-def group_lengths(model: Encoder, rows: dict[str, list], num_negatives: int, max_length: int) -> list[int]:
-    """Token length of each row's longest document (positive + first num_negatives negatives)."""
-    groups = select_groups(rows, num_negatives)
-    g = 1 + num_negatives
-    lengths = model.tokenize(groups.documents, "document", max_length, padding=False)["input_ids"]
-    return [max(len(t) for t in lengths[i * g:(i + 1) * g]) for i in range(len(rows["query"]))]

@@ -28,7 +28,6 @@ import hashlib
 import os
 import time
 import uuid
-from dataclasses import asdict
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,7 +39,7 @@ from ray.data import Dataset
 
 from raylib.filters import (HeuristicConfig, consistency_ranks, document_keys, duplicate_mask,
                             heuristic_reasons, pair_hash)
-from raylib.ray_data.io import ROWS_PER_BATCH, _as_text, row_reasons
+from raylib.reader import ROWS_PER_BATCH, as_text, row_reasons
 from raylib.storage import filesystem_for
 
 GROUP = ("source", "language")
@@ -123,7 +122,7 @@ def status_counts(ds: Dataset, required: Sequence[str], max_chars: int | None,
 
 
 def _texts(table: pa.Table, column: str) -> list[str]:
-    return _as_text(table.column(column))[0] if table.num_rows else []
+    return as_text(table.column(column))[0] if table.num_rows else []
 
 
 def assign_shards(ds: Dataset, shards_per_group: dict[tuple[str, str], int]) -> Dataset:
@@ -281,5 +280,3 @@ def summarize_shards(stats: dict) -> dict[str, Any]:
     return total
 
 
-def heuristics_dict(cfg: HeuristicConfig) -> dict:
-    return asdict(cfg)

@@ -11,7 +11,7 @@ Two ways to turn text into token ids (the model half is the same `Encoder.encode
     list<int32> column of unpadded ids per encoded column; the actor sorts them by length into
     padded batches and only runs the model, so a GPU never waits on a single-threaded tokenizer.
 Actors take fractional CPUs by default so they never starve the read/write tasks on small
-machines (RAY_NOTES.md); `num_gpus > 0` gives GPU actors. With `stats` (a CurationStats actor)
+machines (Ray Data map workers reserve 1 CPU each by default: on 2 cores the read tasks never schedule); `num_gpus > 0` gives GPU actors. With `stats` (a CurationStats actor)
 each actor reports its rows and seconds, split into tokenize_s and model_s, and each upstream
 tokenizer worker its own rows and seconds.
 """

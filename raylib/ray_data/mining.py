@@ -11,10 +11,9 @@ process ever holds a [queries x corpus] score matrix.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -24,10 +23,9 @@ from ray.data import Dataset
 
 from raylib import mining as M
 from raylib.ray_data.embed import embed
-from raylib.ray_data.io import ROWS_PER_BATCH, read_table, row_reasons, split_rejects, write_parquet
+from raylib.ray_data.io import read_table, split_rejects
+from raylib.reader import ROWS_PER_BATCH, row_reasons
 
-if TYPE_CHECKING:
-    from raylib.jobs.mine import MineJobConfig
 
 
 # ----------------------------------------------------------------------------- shards
@@ -78,34 +76,22 @@ def _corpus_batch(batch: pa.Table) -> pa.Table:
                      "d_key": pa.array(keys, pa.int64())})
 
 
-def index_budget(cfg: MineJobConfig) -> M.IndexBudget:
-    """The job's index byte budget (its `index:` section)."""
-    return cfg.index.validate()
-
-
-def shard_plan(cfg: MineJobConfig, num_docs: int, dim: int) -> M.ShardPlan:
-    """Shards of `num_docs` teacher vectors of `dim` under the job's budget (GPU shards: GPU bytes)."""
-    r = cfg.resources
-    return M.plan_shards(num_docs, dim, index_budget(cfg), cfg.candidates, r.mine_batch_size,
-                         on_gpu=r.shard_num_gpus > 0, max_docs_per_shard=cfg.max_docs_per_shard)
-
-
-def build_shards(corpus: Dataset, cfg: MineJobConfig, num_docs: int) -> tuple[list, dict]:
-    """Embed `corpus` (document, doc_id) in an actor pool and route it by key into shard actors,
-    as many as the byte budget needs once the first batch gives the teacher's dimension."""
-    r = cfg.resources
-    budget = index_budget(cfg)
+def build_shards(corpus: Dataset, teacher: Any, r: Any, budget: M.IndexBudget,
+                 plan_for: Callable[[int], M.ShardPlan]) -> tuple[list, dict]:
+    """Embed `corpus` (document, doc_id) with `teacher` in an actor pool and route it by key into
+    shard actors, as many as `plan_for(dim)` says once the first batch gives the teacher's dimension.
+    `r`: the mine job's resources section (raylib.jobs.mine.ResourcesConfig)."""
     use_gpu = True if r.shard_num_gpus > 0 else False
 
     def start(dim: int) -> tuple[M.ShardPlan, list]:
-        plan = shard_plan(cfg, num_docs, dim)
+        plan = plan_for(dim)
         return plan, [ShardActor.options(num_cpus=r.shard_num_cpus, num_gpus=r.shard_num_gpus or None)
                       .remote(use_gpu, budget.dtype, budget.oversample) for _ in range(plan.num_shards)]
 
     plan, shards = None, []
     keyed = corpus.map_batches(_corpus_batch, batch_format="pyarrow", num_cpus=0.25,
                                batch_size=ROWS_PER_BATCH)
-    embedded = embed(keyed, cfg.teacher, "document", "document", "d_emb",
+    embedded = embed(keyed, teacher, "document", "document", "d_emb",
                      concurrency=r.embed_concurrency, num_gpus=r.embed_num_gpus,
                      batch_size=r.embed_batch_size, num_cpus=r.embed_num_cpus, max_length=r.max_length,
                      num_threads=r.embed_num_threads,
@@ -244,7 +230,7 @@ class MineBatch:
 PAIR_COLUMNS = ("query", "document", "source", "language", "id", "query_id", "positive_id")
 
 
-def _normalize_pairs(batch: pa.Table) -> pa.Table:
+def normalize_pairs(batch: pa.Table) -> pa.Table:
     """Good pair rows -> the fixed mining columns plus text keys (ids default to text keys)."""
     n = batch.num_rows
     cols = batch.column_names
@@ -268,20 +254,20 @@ def _normalize_pairs(batch: pa.Table) -> pa.Table:
     return pa.table(table)
 
 
-def _beir_inputs(cfg: MineJobConfig) -> tuple[Dataset, Dataset, Dataset, int, dict[str, int]]:
+def beir_inputs(inp: Any) -> tuple[Dataset, Dataset, Dataset, int, dict[str, int]]:
     """(good pairs, rejects, corpus, input rows, corpus rejects by reason) from a BEIR dir: one pair
     per qrel with grade > 0; qrels naming an unknown query or document, grade <= 0, or texts the
     readers would reject (empty, control characters, ...) are rejects; such corpus documents stay
     out of the index and are counted."""
     from raylib.beir import document_text, load_beir
 
-    data = load_beir(cfg.input.path, cfg.input.split)
-    source = cfg.input.source or Path(cfg.input.path).name
+    data = load_beir(inp.path, inp.split)
+    source = inp.source or Path(inp.path).name
     rows, rejects = [], []
     for qid, docs in data.qrels.items():
         for did, grade in docs.items():
             row = {"query": data.queries.get(qid), "document": None, "source": source,
-                   "language": cfg.input.language, "id": f"{qid}:{did}", "query_id": qid,
+                   "language": inp.language, "id": f"{qid}:{did}", "query_id": qid,
                    "positive_id": did}
             if did in data.corpus:
                 row["document"] = document_text(data.corpus[did])
@@ -294,7 +280,7 @@ def _beir_inputs(cfg: MineJobConfig) -> tuple[Dataset, Dataset, Dataset, int, di
     num_input = len(rows) + len(rejects)
     schema = pa.schema([(c, pa.string()) for c in PAIR_COLUMNS])
     pairs = pa.Table.from_pylist(rows, schema=schema)
-    reasons = row_reasons(pairs, ["query", "document"], cfg.input.max_chars)
+    reasons = row_reasons(pairs, ["query", "document"], inp.max_chars)
     rejects += [{**row, "reason": r} for row, r in zip(rows, reasons) if r]
     good = ray.data.from_arrow(pairs.filter(pa.array([r is None for r in reasons])))
     rej = ray.data.from_arrow(pa.Table.from_pylist(
@@ -302,7 +288,7 @@ def _beir_inputs(cfg: MineJobConfig) -> tuple[Dataset, Dataset, Dataset, int, di
     ids = list(data.corpus)
     corpus = pa.table({"document": pa.array([document_text(data.corpus[i]) for i in ids], pa.string()),
                        "doc_id": pa.array(ids, pa.string())})
-    doc_reasons = row_reasons(corpus, ["document"], cfg.input.max_chars)
+    doc_reasons = row_reasons(corpus, ["document"], inp.max_chars)
     corpus_rejected: dict[str, int] = {}
     for r in filter(None, doc_reasons):
         corpus_rejected[r] = corpus_rejected.get(r, 0) + 1
@@ -310,7 +296,7 @@ def _beir_inputs(cfg: MineJobConfig) -> tuple[Dataset, Dataset, Dataset, int, di
     return good, rej, ray.data.from_arrow(corpus), num_input, dict(sorted(corpus_rejected.items()))
 
 
-def _given_corpus(path: str, max_chars: int | None) -> tuple[Dataset, Dataset]:
+def given_corpus(path: str, max_chars: int | None) -> tuple[Dataset, Dataset]:
     """(documents with doc_id, rejects) of an extra corpus table (column `document`, optional `id`)."""
     good, rej = split_rejects(read_table(path), ["document"], max_chars)
 
@@ -323,7 +309,7 @@ def _given_corpus(path: str, max_chars: int | None) -> tuple[Dataset, Dataset]:
                              batch_size=ROWS_PER_BATCH), rej
 
 
-def _count_reasons(ds: Dataset) -> dict[str, int]:
+def count_reasons(ds: Dataset) -> dict[str, int]:
     counts: dict[str, int] = {}
     for batch in ds.select_columns(["reason"]).iter_batches(batch_format="pyarrow", batch_size=65536):
         for r in batch.column("reason").to_pylist():
@@ -331,7 +317,7 @@ def _count_reasons(ds: Dataset) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _drop_internal(batch: pa.Table, want_ok: bool) -> pa.Table:
+def drop_internal(batch: pa.Table, want_ok: bool) -> pa.Table:
     ok = pa.array([s != M.TOO_FEW_STATUS for s in batch.column("status").to_pylist()])
     if want_ok:
         return batch.filter(ok).drop_columns(["status", "num_found", "order_key"])
@@ -345,115 +331,11 @@ def _drop_internal(batch: pa.Table, want_ok: bool) -> pa.Table:
 
 
 # ----------------------------------------------------------------------------- the job
-def run_mining(cfg: MineJobConfig) -> dict:
-    """Run the mining stages on the current Ray cluster; returns the summary dict (the job,
-    raylib.jobs.mine, writes it and reports)."""
-    cfg.validate()
-    start = time.time()
-    r = cfg.resources
-    mined_path, rejects_path, too_few_path = cfg.outputs["mined"], cfg.outputs["rejects"], cfg.outputs["too_few"]
-
-    corpus_rejected: dict[str, int] = {}
-    if cfg.input.kind == "beir":
-        good, rejects, corpus, n_input, corpus_rejected = _beir_inputs(cfg)
-    else:
-        good, rejects = split_rejects(read_table(cfg.input.path), ["query", "document"],
-                                      cfg.input.max_chars)
-        corpus, n_input = None, None
-    pairs = good.map_batches(_normalize_pairs, batch_format="pyarrow", num_cpus=0.25,
-                             batch_size=ROWS_PER_BATCH).materialize()
-    rejects = rejects.materialize()
-    rejected = _count_reasons(rejects)
-    pair_docs = pairs.select_columns(["document", "positive_id"]).rename_columns({"positive_id": "doc_id"})
-    # the pairs' documents always enter the corpus (first, so their ids win on duplicates)
-    corpus = pair_docs if corpus is None else pair_docs.union(corpus)
-    if cfg.input.corpus:
-        extra, extra_rej = _given_corpus(cfg.input.corpus, cfg.input.max_chars)
-        corpus = corpus.union(extra)
-        extra_rejected = _count_reasons(extra_rej)
-        for reason, n in extra_rejected.items():
-            corpus_rejected[reason] = corpus_rejected.get(reason, 0) + n
-        if extra_rejected:
-            write_parquet(extra_rej, cfg.outputs["corpus_rejects"])
-    corpus = corpus.materialize()
-    n_pairs = pairs.count()
-    if n_input is None:  # split_rejects puts every input row in exactly one of good / rejects
-        n_input = n_pairs + sum(rejected.values())
-    if n_pairs == 0:
-        raise ValueError(f"no valid pairs in {cfg.input.path} (rejected: {rejected})")
-
-    shards, shard_info = build_shards(corpus, cfg, corpus.count())
-
-    keys = pairs.select_columns(["q_key", "d_key"]).to_pandas()
-    table = positives_table(keys["q_key"].to_numpy(np.int64), keys["d_key"].to_numpy(np.int64))
-    del keys
-    positives_ref = ray.put(table)
-
-    with_q = embed(pairs, cfg.teacher, "query", "query", "q_emb", concurrency=r.embed_concurrency,
-                   num_gpus=r.embed_num_gpus, batch_size=r.embed_batch_size, num_cpus=r.embed_num_cpus,
-                   max_length=r.max_length, num_threads=r.embed_num_threads,
-                   tokenize_upstream=r.tokenize_upstream)
-    mined = with_q.map_batches(
-        MineBatch,
-        fn_constructor_kwargs=dict(shards=shards, positives=[positives_ref], rule=asdict(cfg.rule()),
-                                   candidates=cfg.candidates, seed=cfg.seed, order=cfg.order),
-        compute=ray.data.ActorPoolStrategy(size=r.mine_concurrency),
-        batch_size=r.mine_batch_size, batch_format="numpy", num_cpus=r.mine_num_cpus,
-    ).materialize()
-
-    counts = {"kept": 0, "padded": 0, "dropped_too_few": 0}
-    pos_hist = M.ScoreHistogram(bins=cfg.histogram_bins)
-    neg_hist = M.ScoreHistogram(bins=cfg.histogram_bins)
-    for batch in mined.select_columns(["status", "positive_score", "negative_scores"]).iter_batches(
-            batch_format="pyarrow", batch_size=65536):
-        status = np.asarray(batch.column("status").to_pylist(), dtype=object)
-        ok = status != M.TOO_FEW_STATUS
-        counts["kept"] += int(ok.sum())
-        counts["padded"] += int((status == M.PADDED).sum())
-        counts["dropped_too_few"] += int((~ok).sum())
-        pos_hist.add(batch.column("positive_score").to_numpy(zero_copy_only=False)[ok])
-        neg_hist.add(pc.list_flatten(batch.column("negative_scores")).to_numpy(zero_copy_only=False))
-
-    kept = mined.map_batches(_drop_internal, fn_args=(True,), batch_format="pyarrow", num_cpus=0.25,
-                             batch_size=ROWS_PER_BATCH)
-    if cfg.order == "random":
-        kept = kept.random_shuffle(seed=cfg.seed)
-    else:  # increasing negative hardness (Arctic 2.0 Fig. 2); the key is recomputed from the output
-        kept = mined.map_batches(_keep_with_key, batch_format="pyarrow", num_cpus=0.25,
-                                 batch_size=ROWS_PER_BATCH) \
-            .sort("order_key").drop_columns(["order_key"])
-    write_parquet(kept, mined_path)
-    if counts["dropped_too_few"]:
-        write_parquet(mined.map_batches(_drop_internal, fn_args=(False,), batch_format="pyarrow",
-                                        num_cpus=0.25, batch_size=ROWS_PER_BATCH), too_few_path)
-    if rejected:
-        write_parquet(rejects, rejects_path)
-    for s in shards:
-        ray.kill(s)
-
-    n_rejected = sum(rejected.values())
-    summary = {
-        "teacher": cfg.teacher, "strategy": cfg.strategy, "order": cfg.order,
-        "counts": {"input": n_input, "rejected": n_rejected, "rejected_by_reason": rejected,
-                   "pairs": n_pairs, "dropped_too_few": counts["dropped_too_few"],
-                   "padded": counts["padded"], "kept": counts["kept"],
-                   "adds_up": (n_input == n_rejected + n_pairs
-                               and n_pairs == counts["dropped_too_few"] + counts["kept"])},
-        "corpus": {**shard_info, "rejected_by_reason": corpus_rejected},
-        "histograms": {"positive_score": pos_hist.to_dict(), "negative_score": neg_hist.to_dict()},
-        "outputs": {"mined": mined_path, "rejects": rejects_path if rejected else None,
-                    "too_few": too_few_path if counts["dropped_too_few"] else None},
-        "config": asdict(cfg),
-        "seconds": round(time.time() - start, 1),
-    }
-    if not summary["counts"]["adds_up"]:
-        raise AssertionError(f"mining counts do not add up: {summary['counts']}")
-    return summary
 
 
-def _keep_with_key(batch: pa.Table) -> pa.Table:
+def keep_with_key(batch: pa.Table) -> pa.Table:
     """Kept rows with their curriculum sort key."""
     key = batch.column("order_key")
-    out = _drop_internal(batch, True)
+    out = drop_internal(batch, True)
     ok = pa.array([s != M.TOO_FEW_STATUS for s in batch.column("status").to_pylist()])
     return out.append_column("order_key", key.filter(ok))

@@ -1,11 +1,11 @@
-"""The prepare stage's Ray Data pieces: pairs (or mined rows) -> per-source, pre-tokenized Parquet
-shards in a seeded, layout-independent order, plus a manifest. Nothing here runs per row on the
-driver, and the driver never holds rows: it plans, collects one metadata row per written file and
-writes manifest.json.
+"""The prepare stage's pieces, pure pyarrow (no Ray): pairs (or mined rows) -> per-source,
+pre-tokenized Parquet shards in a seeded, layout-independent order, plus a manifest. Nothing here
+runs per row on the driver, and the driver never holds rows: it plans, collects one metadata row
+per written file and writes manifest.json.
 
-Pipeline (raylib.jobs.prepare drives it):
+Pipeline (raylib.jobs.prepare.run_pipeline runs it on Ray Data):
   read_table (per-file readers, every column as text)
-  -> map_batches(prepare_batch): reject reasons (raylib.ray_data.io.row_reasons), batch source key
+  -> map_batches(prepare_batch): reject reasons (raylib.reader.row_reasons), batch source key
      (source x language, plus `#len<=B` for M3 §3.4 length buckets), a seeded content key
      (`row_keys`), its key-range partition, token ids of queries and documents (the model's
      tokenizer: prefixes, max lengths)
@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raylib.storage import filesystem_for, join
+from raylib.storage import join
 
 KEY_COLUMNS = ("id", "query", "document", "positive")  # what a row's seeded content key hashes
 IDS = pa.list_(pa.int32())
@@ -154,7 +154,7 @@ def _json_list(value: str | None) -> list | None:
 
 def prepare_batch(table: pa.Table, spec: PrepareSpec) -> pa.Table:
     """Reader rows -> planning + token columns (spec.schema); rejected rows keep only id/reason."""
-    from raylib.ray_data.io import row_reasons
+    from raylib.reader import row_reasons
 
     n = table.num_rows
     reasons = row_reasons(table, spec.required, None)
@@ -280,21 +280,6 @@ def build_manifest(meta_rows: list[dict], spec: PrepareSpec, extra: dict) -> dic
     return {"format": "raylib-prepared/1", **spec_fields, **extra,
             "rows": sum(s["rows"] for s in out.values()), "rejected": rejected,
             "columns": [c for c in spec.schema.names if c not in SHARD_DROP], "sources": out}
-
-
-def run_pipeline(inputs: Sequence[str], output: str, spec: PrepareSpec,
-                 read_blocks: int | None = None) -> list[dict]:
-    """The distributed part: read, prepare, group, write; returns the per-file metadata rows."""
-    from raylib.ray_data.io import ROWS_PER_BATCH, read_table
-
-    ds = read_table(list(inputs), override_num_blocks=read_blocks or None)
-    ds = ds.map_batches(prepare_batch, fn_args=(spec,), batch_format="pyarrow", zero_copy_batch=True,
-                        batch_size=ROWS_PER_BATCH)
-    # one shuffle partition per key range: a reduce task then holds about partition_mib of rows
-    fs, root = filesystem_for(output)
-    meta = ds.groupby(["source", "part"], num_partitions=spec.partitions).map_groups(
-        write_group, fn_args=(fs, root, spec.row_group_rows, spec.row_groups_per_file), batch_format="pyarrow")
-    return meta.take_all()
 
 
 @dataclass

@@ -35,13 +35,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raylib.ray_data.prepare import row_keys, source_key
+from raylib.prepare import row_keys, source_key
 from raylib.storage import filesystem_for, join, read_text
 
 
 def split_sources(table: pa.Table, seed: int = 0) -> dict[str, pa.Table]:
     """{source key: its rows in seeded content-key order}, in memory: the prepare stage's order
-    (same keys, raylib.ray_data.prepare.row_keys) for tests and references; needs `source`."""
+    (same keys, raylib.prepare.row_keys) for tests and references; needs `source`."""
     if "source" not in table.column_names:
         raise ValueError(f"training data needs a 'source' column (batches are drawn per source); "
                          f"got {table.column_names}")

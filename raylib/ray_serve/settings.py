@@ -1,15 +1,14 @@
-"""Typed arguments of the Serve app and the JSON bodies of its routes (pydantic models)."""
+"""The Serve app's settings and their rules, in one place: `ServeArgs` (the application's `args`).
+Its defaults are serve/config.yaml's (the CPU deployment); serve/config_gpu.yaml changes capacity
+and placement only; the pipeline's serve step reads serve/config.yaml too (tests/test_serve.py
+checks that they agree)."""
 
-from typing import Annotated, Literal, Optional, Union
+from pathlib import Path
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from raylib.model import ModelSpec
-
-
-# Numbers in requests: finite and in a range whose float32 arithmetic stays finite.
-Bound = Annotated[float, Field(ge=-1e6, le=1e6, allow_inf_nan=False)]
-Weight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
 
 class AutoscalingArgs(BaseModel):
@@ -23,7 +22,7 @@ class AutoscalingArgs(BaseModel):
 
 
 class ServeArgs(BaseModel):
-    """Arguments of `serve.app:app` (`serve run serve.app:app model=minilm max_batch_size=16`)."""
+    """Arguments of `raylib.ray_serve.app:app` (`serve run raylib.ray_serve.app:app model=minilm max_batch_size=16`)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -33,10 +32,10 @@ class ServeArgs(BaseModel):
     served_model_name: Optional[str] = Field(None, description="name in /v1/models; default: model")
     max_length: Optional[int] = Field(None, ge=8, description="token cap; default: the model's")
     backend: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch", description="raylib.onnx_backend backend of the Encoder replicas")
+        "torch", description="raylib.backends backend of the Encoder replicas")
     # continuous batching: texts per forward pass; how long an idle model waits for a batch to
     # fill (0: start at once; under load batches fill while the previous one runs)
-    max_batch_size: int = Field(32, ge=1)
+    max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.0, ge=0)
     # Encoder replicas: a fixed count, or autoscaling when `autoscaling` is set
     num_replicas: int = Field(1, ge=1)
@@ -59,64 +58,22 @@ class ServeArgs(BaseModel):
                                                         "requests/s")
     retry_after_s: int = Field(1, ge=0)
     replica_retries: int = Field(2, ge=0, description="re-sends of a call whose replica died")
-    colocate: bool = Field(False, description="model inside the ingress replicas: one hop fewer "
-                                              "per request, but no re-send when a replica dies")
+    colocate: bool = Field(True, description="model inside the ingress replicas: one hop fewer "
+                                             "per request, but no re-send when a replica dies")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
         if self.autoscaling and self.autoscaling.min_replicas > self.autoscaling.max_replicas:
             raise ValueError("autoscaling.min_replicas must be <= autoscaling.max_replicas")
+        # Serve's @serve.batch-style batching needs the calls of a batch in flight at once
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= "
+                             f"max_batch_size ({self.max_batch_size}), or batches stay small")
         return self
 
 
-class EmbeddingsRequest(BaseModel):
-    """OpenAI POST /v1/embeddings body."""
+def deploy_args(path: str | Path) -> ServeArgs:
+    """The ServeArgs of a Serve deploy config's (serve/config.yaml's) first application."""
+    import yaml
 
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
-
-    input: Union[str, list[str], list[int], list[list[int]]]
-    model: Optional[str] = None
-    dimensions: Optional[int] = Field(None, ge=-2**31, le=2**31)
-    encoding_format: Literal["float", "base64"] = "float"
-    user: Optional[str] = None
-    # extension (as Voyage/Cohere): which prefix the Encoder adds; OpenAI has no such notion
-    input_type: Literal["query", "document"] = "document"
-
-
-class EncodeRequest(BaseModel):
-    """POST /encode body: the M3 outputs of a list of texts."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    texts: Union[str, list[str]]
-    kind: Literal["query", "document"] = "document"
-    dense: bool = True
-    sparse: bool = False
-    multivector: bool = False
-    dimensions: Optional[int] = Field(None, ge=-2**31, le=2**31)
-    quantization: Optional[Literal["int8", "binary"]] = None
-    # int8 calibration: scalar or per-dimension [lo, hi]; default [-1, 1] (normalized vectors)
-    int8_range: Optional[tuple[Union[Bound, list[Bound]], Union[Bound, list[Bound]]]] = None
-
-
-class RerankWeights(BaseModel):
-    """Fusion weights of dense, lexical (s_lex) and multi-vector (s_mul) scores (M3 §3.2)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dense: Weight = 0.4
-    sparse: Weight = 0.2
-    multivector: Weight = 0.4
-
-
-class RerankRequest(BaseModel):
-    """POST /rerank body (Cohere/Jina-like)."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    query: str
-    documents: list[str]
-    model: Optional[str] = None
-    weights: Optional[Union[RerankWeights, tuple[Weight, Weight, Weight]]] = None
-    top_n: Optional[int] = Field(None, ge=1, le=2**31)
-    return_documents: bool = False
+    return ServeArgs.model_validate(yaml.safe_load(Path(path).read_text())["applications"][0]["args"])

@@ -1,4 +1,4 @@
-"""ONNX Runtime backends (raylib/onnx_backend.py) against the torch Encoder on tiny seeded models:
+"""ONNX Runtime backends (raylib/backends.py) against the torch Encoder on tiny seeded models:
 fp32 equal within 1e-4 on every head, int8 close, exports beside the model and reused."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _sparse_diff(a: list[dict], b: list[dict]) -> float:
 
 @pytest.mark.parametrize("kind", ["query", "document"])
 def test_onnx_fp32_equals_torch_on_every_head(prefixed_dir, kind):
-    from raylib.onnx_backend import load_encoder
+    from raylib.backends import load_encoder
 
     torch_enc = load_encoder(prefixed_dir, "torch", device="cpu")
     onnx_enc = load_encoder(prefixed_dir, "onnx", threads=1)
@@ -50,7 +50,7 @@ def test_onnx_fp32_equals_torch_on_every_head(prefixed_dir, kind):
 def test_int8_is_close_and_tokenize_once_gives_the_counts(tiny_dir):
     """tokenize + encode_features (the halves a server and evaluate_encoder call) on int8."""
     from raylib.model import Encoder
-    from raylib.onnx_backend import load_encoder
+    from raylib.backends import load_encoder
 
     ref = Encoder.from_pretrained(tiny_dir, device="cpu")
     int8 = load_encoder(tiny_dir, "onnx-int8", threads=1)
@@ -66,7 +66,7 @@ def test_int8_is_close_and_tokenize_once_gives_the_counts(tiny_dir):
 
 
 def test_export_lands_beside_the_model_and_is_reused(tmp_path):
-    from raylib.onnx_backend import ONNX_DIR, export_onnx, load_encoder
+    from raylib.backends import ONNX_DIR, export_onnx, load_encoder
     from raylib.tiny import save_tiny_encoder
 
     path = save_tiny_encoder(tmp_path / "plain", m3_heads=False)
@@ -87,7 +87,7 @@ def test_export_lands_beside_the_model_and_is_reused(tmp_path):
 
 
 def test_user_errors_are_value_errors(tiny_dir):
-    from raylib.onnx_backend import load_encoder
+    from raylib.backends import load_encoder
 
     with pytest.raises(ValueError, match="backend"):
         load_encoder(tiny_dir, "tensorrt")
@@ -105,7 +105,7 @@ def test_evaluate_encoder_takes_an_onnx_backend(tiny_dir):
     """raylib.evaluation.evaluate_encoder scores the same with onnx fp32 as with torch."""
     from raylib.beir import BeirData
     from raylib.evaluation import evaluate_encoder
-    from raylib.onnx_backend import load_encoder
+    from raylib.backends import load_encoder
 
     corpus = {f"d{i}": {"title": "", "text": t} for i, t in enumerate(TEXTS)}
     corpus["empty"] = {"title": "", "text": ""}  # evaluate encodes empty documents too
@@ -119,8 +119,8 @@ def test_evaluate_encoder_takes_an_onnx_backend(tiny_dir):
 
 def test_serve_args_take_a_model_spec_and_onnx_refuses_its_overrides(tiny_dir):
     from raylib.model import ModelSpec
-    from raylib.onnx_backend import load_encoder
-    from serve.schemas import ServeArgs
+    from raylib.backends import load_encoder
+    from raylib.ray_serve.settings import ServeArgs
 
     args = ServeArgs.model_validate({"model": {"name_or_path": str(tiny_dir), "pooling": "mean",
                                                "trust_remote_code": False}})
