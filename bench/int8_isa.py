@@ -4,12 +4,12 @@
 
 ONNX Runtime picks its int8 MatMul kernel from the CPU: with AVX512-VNNI / AVX-VNNI it sums u8 x s8
 products in int32; with plain AVX2 (and AVX-512 without VNNI) it sums pairs into int16 first, which
-saturates on 8-bit weights. The export's 7-bit weights (raylib.onnx_backend.INT8_RECIPE) cannot.
+saturates on 8-bit weights. The export's 7-bit weights (raylib.backends.INT8_RECIPE) cannot.
 This bench runs the exported fp32 and int8 graphs on one padded batch of SciFact texts (test
 queries, then corpus documents) here and in a child process under QEMU's user-mode emulator with
 `-cpu Haswell` (AVX2, FMA; no AVX-512, no VNNI: ONNX Runtime reads the emulated CPUID), for minilm
 and a tiny random BGE-M3 model (dense + sparse heads); it prints each side's int8 error to the fp32
-graph (equal to torch within 1e-4, tests/test_onnx_backend.py) and the largest difference between
+graph (equal to torch within 1e-4, tests/test_backends.py) and the largest difference between
 the two CPUs' int8 outputs. qemu-user is a Debian package (`apt-get install qemu-user`). Emulated speed means
 nothing: only the numbers are compared. Last stdout line: JSON.
 """
@@ -59,7 +59,7 @@ def cpu_flags() -> list[str]:
 def compare(model: str, texts: list[str], qemu: str, cpu: str, tmp: Path) -> dict:
     """int8 vs fp32 graph on this CPU and on the emulated one, and int8 between the two CPUs."""
     from raylib.model import Encoder
-    from raylib.onnx_backend import export_onnx
+    from raylib.backends import export_onnx
 
     folder = export_onnx(model)  # made here, used by both sides
     ids = Encoder.from_pretrained(model, device="cpu").tokenize(texts, "document")
@@ -101,7 +101,7 @@ def main() -> dict:
     if qemu is None:
         raise SystemExit(f"{args.qemu} not found on PATH: apt-get install qemu-user, or pass --qemu")
     from raylib.beir import load_beir
-    from raylib.onnx_backend import INT8_RECIPE
+    from raylib.backends import INT8_RECIPE
     from raylib.tiny import save_tiny_encoder
 
     data = load_beir(DATA, split="test")

@@ -141,7 +141,7 @@ def test_int8_weights_are_7_bit_so_no_x86_kernel_saturates(tiny_dir):
     import onnx
     from onnx import numpy_helper
 
-    from raylib.onnx_backend import INT8_RECIPE, export_onnx
+    from raylib.backends import INT8_RECIPE, export_onnx
 
     folder = export_onnx(tiny_dir)
     graph = onnx.load(str(folder / "model_int8.onnx")).graph
