@@ -48,7 +48,7 @@ KIT = {
     "prometheus-client": "metrics", "opencensus": "metrics", "opencensus-context": "metrics",
     "opentelemetry-api": "metrics", "opentelemetry-sdk": "metrics", "opentelemetry-proto": "metrics",
     "opentelemetry-exporter-prometheus": "metrics", "opentelemetry-semantic-conventions": "metrics",
-    "six": "opencensus", "smart-open": "ray default", "wrapt": "smart-open",
+    "six": "opencensus", "googleapis-common-protos": "opencensus (google.rpc)", "smart-open": "ray default", "wrapt": "smart-open",
     # Ray Data / Train
     "tensorboardx": "train", "pydantic": "train+serve", "pydantic-core": "pydantic",
     "annotated-types": "pydantic", "typing-inspection": "pydantic",

@@ -15,9 +15,11 @@ plain PyTorch and is pickled to the workers as it is.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -241,6 +243,7 @@ def train_worker(config: dict) -> None:
                   "time": round(time.time(), 3)}
         if device.type == "cuda":
             record["mfu"] = round(tokens * flops_per_token / seconds / (t.peak_tflops * 1e12 * world), 4)
+            record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
         if consumed is not None and "id" in rows:
             consumed.write(json.dumps({"step": step, "ids": rows["id"]}) + "\n")
             consumed.flush()
@@ -375,7 +378,9 @@ def publish_metrics(checkpoint: str, location: str) -> dict[str, str]:
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     write_text(join(location, METRICS_FILE), text)
     out = {"metrics_path": join(location, METRICS_FILE)}
-    if rows:
+    if rows and importlib.util.find_spec("matplotlib") is None:  # a bare GPU host (bench/gpu)
+        print("matplotlib is not installed: no curves.png", file=sys.stderr)
+    elif rows:
         write_bytes(join(location, "curves.png"), plot_metrics(rows))
         out["curves"] = join(location, "curves.png")
     return out
