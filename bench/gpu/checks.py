@@ -67,9 +67,9 @@ class Sizes:
 
 GPU = Sizes(model=dict(ME5_SMALL))
 SMOKE = Sizes(model=dict(arch="xlm-roberta", hidden_size=32, num_layers=2, num_heads=2, pooling="mean"),
-              max_length=64, pairs=2000, query_words=(4, 8), document_words=(20, 40), embed_batch=64,
+              max_length=64, pairs=1000, query_words=(4, 8), document_words=(20, 40), embed_batch=64,
               search_pairs=3000, search_dim=32, search_sample=200, train_batch=32, train_chunk=8,
-              train_steps=2, serve_requests=24, num_gpus=0.0)
+              train_steps=2, serve_requests=16, num_gpus=0.0)
 
 
 # ----------------------------------------------------------------------------- shared pieces
