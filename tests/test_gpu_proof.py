@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_run_sh_cpu_smoke_all_four_checks_ok(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_PROOF_TIMEOUT_S": "600"}
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_PROOF_TIMEOUT_S": "840"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "run.sh"), "--cpu-smoke"], env=env,
-                          capture_output=True, text=True, timeout=660)
+                          capture_output=True, text=True, timeout=880)
     report = json.loads((tmp_path / "gpu.json").read_text())
     summary = {k: (v["ok"], (v["error"] or "")[-800:]) for k, v in report["checks"].items()}
     assert proc.returncode == 0, (summary, proc.stderr[-3000:])
