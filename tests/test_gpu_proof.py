@@ -19,6 +19,7 @@ def test_run_sh_cpu_smoke_all_four_checks_ok(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "GPU_PROOF_TIMEOUT_S": "840"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "run.sh"), "--cpu-smoke"], env=env,
                           capture_output=True, text=True, timeout=880)
+    assert (tmp_path / "gpu.json").exists(), (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
     report = json.loads((tmp_path / "gpu.json").read_text())
     summary = {k: (v["ok"], (v["error"] or "")[-800:]) for k, v in report["checks"].items()}
     assert proc.returncode == 0, (summary, proc.stderr[-3000:])

@@ -401,10 +401,16 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"mode": "cpu-smoke" if args.cpu_smoke else "gpu", "kit": args.kit,
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "python": sys.version.split()[0], "checks": {}}
+    (out_dir / "gpu.json").write_text(json.dumps(report, indent=2))
     with tempfile.TemporaryDirectory(prefix="gpu-proof-") as tmp:
         work = Path(tmp)
-        save_tiny_encoder(work / "model", max_length=sizes.max_length, seed=0, **sizes.model)
-        init_data_ray(num_cpus=max(8, 2 * (os.cpu_count() or 1)))
+        try:
+            save_tiny_encoder(work / "model", max_length=sizes.max_length, seed=0, **sizes.model)
+            init_data_ray(num_cpus=max(8, 2 * (os.cpu_count() or 1)))
+        except Exception:  # noqa: BLE001 - no check can run: say why in gpu.json
+            report.update(all_ok=False, setup_error=traceback.format_exc()[-3000:])
+            (out_dir / "gpu.json").write_text(json.dumps(report, indent=2))
+            raise
         import ray
 
         from ray.data import DataContext
