@@ -8,7 +8,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv lock demo test bench clean
+.PHONY: venv lock demo test bench clean gpu-kit
 
 # Installs come from the lock (exact versions of the `cpu,dev,me5` set for Python 3.11 on Linux
 # x86-64), never from whatever is newest that day. `make lock` refreshes it from pyproject.toml.
@@ -40,6 +40,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --timeout=900 --durations=15 tests
+
+# The wheels an air-gapped Python 3.12 GPU host lacks (Ray repacked, Serve/Data/Train deps), at
+# the lock's versions, into .gpu-kit/ with a MANIFEST.txt; fails above 60 MiB. README: GPU proof.
+gpu-kit:
+	$(PY) bench/gpu/build_kit.py --out .gpu-kit --cache .gpu-kit-cache
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

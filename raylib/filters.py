@@ -129,14 +129,16 @@ def ranking_bytes_per_pair(dim: int, top_k: int, duplicates: bool = True) -> int
 
 
 def consistency_ranks(q_emb: np.ndarray, d_emb: np.ndarray, doc_keys: Sequence[Any], top_k: int,
-                      use_gpu: bool | None = None, chunk_bytes: int = RECHECK_CHUNK_BYTES) -> np.ndarray:
+                      use_gpu: bool | None = None, chunk_bytes: int = RECHECK_CHUNK_BYTES,
+                      backend: str | None = None) -> np.ndarray:
     """consistency_rank of each pair within one shard: 1 + the number of distinct documents of
     the shard that score strictly higher than the pair's own document for its query.
 
     q_emb [n, d], d_emb [n, d] (row i = pair i), doc_keys [n] (equal keys = identical document
     texts: one document). Returns int64 [n] in 1..top_k, or top_k + 1 meaning "beyond top_k".
     Candidates come from exact FAISS inner-product search over the distinct documents (GPU index
-    when present); their scores and the own-document score are then recomputed in float64 so
+    when present, else the torch search on CUDA: `raylib.search.search_backend`, which `backend`
+    overrides); their scores and the own-document score are then recomputed in float64 so
     the comparison is exact and tie-consistent (ties do not push a document down). The recheck
     runs over chunks of queries of at most `chunk_bytes`: memory stays linear in n
     (`ranking_bytes_per_pair`), never [n, k, d].
@@ -157,7 +159,7 @@ def consistency_ranks(q_emb: np.ndarray, d_emb: np.ndarray, doc_keys: Sequence[A
     # [m, d] distinct documents; no copy when every text is distinct and keys follow row order
     docs = d_emb if len(first) == n and (first == np.arange(n)).all() else d_emb[first]
     k = min(top_k, len(docs))
-    _, cand = exact_search(q_emb, docs, k, use_gpu=use_gpu)  # [n, k]
+    _, cand = exact_search(q_emb, docs, k, use_gpu=use_gpu, backend=backend)  # [n, k]
     greater = _count_higher(q_emb, docs, cand, own, chunk_bytes)
     return np.where(greater < top_k, greater + 1, top_k + 1).astype(np.int64)
 

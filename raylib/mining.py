@@ -210,16 +210,21 @@ class KeyedIndex:
     or fp16 (GPU `useFloat16`, CPU IndexScalarQuantizer). An fp16 index only proposes
     `oversample` x k candidates: they are re-scored from the fp32 host vectors and a row whose
     top-k could still miss a document (fp16 error bound) is searched again wider, then exactly.
+    On CUDA without a GPU FAISS the shard is a `raylib.torch_search.TorchFlatIP` (fp16 or fp32
+    storage on the GPU, fp32 recheck from the host vectors: exact top-k); `backend="torch"`
+    forces it (on the CPU where there is no GPU).
     """
 
-    def __init__(self, use_gpu: bool | None = None, dtype: str = "fp32", oversample: float = 2.0):
+    def __init__(self, use_gpu: bool | None = None, dtype: str = "fp32", oversample: float = 2.0,
+                 backend: str | None = None):
         from raylib.search import INDEX_DTYPES
 
         if dtype not in INDEX_DTYPES:
             raise ValueError(f"index dtype {dtype!r} is not one of {INDEX_DTYPES}")
         if oversample < 1:
             raise ValueError(f"oversample must be >= 1, got {oversample}")
-        self.use_gpu, self.dtype, self.oversample = use_gpu, dtype, oversample
+        self.use_gpu, self.dtype, self.oversample, self.backend = use_gpu, dtype, oversample, backend
+        self.torch_index = None
         self._keys: list[np.ndarray] = []
         self._vecs: list[np.ndarray] = []
         self.index = None
@@ -238,7 +243,7 @@ class KeyedIndex:
     def finalize(self) -> np.ndarray:
         """Deduplicate by key (first occurrence wins), build the FAISS index; returns the kept rows'
         positions in add order. Host peak ~1x the vectors (batches are moved, not concatenated)."""
-        from raylib.search import _resolve_gpu, flat_ip_index
+        from raylib.search import flat_ip_index, search_backend
 
         keys = np.concatenate(self._keys) if self._keys else np.empty(0, dtype=np.int64)
         _, first = np.unique(keys, return_index=True)
@@ -249,8 +254,15 @@ class KeyedIndex:
         self._keys, self._vecs = [], []
         self._sorted = np.argsort(self.keys, kind="stable")
         self.max_norm = float(np.sqrt(_max_sq_norm(self.vectors))) if len(first) else 0.0
-        self.on_gpu = _resolve_gpu(self.use_gpu)
-        if len(self.keys) and (self.on_gpu or self.dtype == "fp16"):
+        which = search_backend(self.use_gpu, self.backend) if len(self.keys) else "faiss"
+        self.on_gpu = which == "faiss-gpu"
+        if which == "torch":
+            from raylib.torch_search import TorchFlatIP, cuda_present
+
+            self.torch_index = TorchFlatIP(self.vectors, "cuda" if cuda_present() else "cpu",
+                                           self.dtype, recheck_on_device=False,
+                                           oversample=self.oversample)
+        elif len(self.keys) and (self.on_gpu or self.dtype == "fp16"):
             self.index = flat_ip_index(self.vectors, self.on_gpu, self.dtype)
         return first
 
@@ -264,7 +276,9 @@ class KeyedIndex:
             return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
         kk = min(k, len(self.keys))
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.dtype == "fp16":
+        if self.torch_index is not None:
+            scores, pos = self.torch_index.search(queries, kk)
+        elif self.dtype == "fp16":
             scores, pos = self._search_fp16(queries, kk)
         else:
             scores, pos = self._search_fp32(queries, kk)

@@ -3,6 +3,9 @@
 Index storage is fp32, or fp16 where asked (GPU: `GpuIndexFlatConfig.useFloat16`; CPU:
 `IndexScalarQuantizer(QT_fp16)`): an fp16 index only proposes candidates, their exact scores are
 recomputed by the caller from fp32 vectors (raylib.mining.KeyedIndex).
+
+Where this FAISS has no GPU (or no FAISS is installed) but torch sees CUDA, `exact_search` runs
+on the GPU with `raylib.torch_search.TorchFlatIP` (fp16 storage, fp32 recheck: exact results).
 """
 
 from __future__ import annotations
@@ -16,9 +19,31 @@ GPU_MAX_K = 1024  # FAISS GPU k-selection limit (2048 in recent builds; 1024 is 
 
 def gpu_available() -> bool:
     """True when this FAISS build has GPU support and sees a GPU (no torch import: it costs memory)."""
-    import faiss
-
+    try:
+        import faiss
+    except ImportError:  # a GPU host without FAISS: the torch search serves it (search_backend)
+        return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+SEARCH_BACKENDS = ("faiss", "faiss-gpu", "torch")
+
+
+def search_backend(use_gpu: bool | None = None, backend: str | None = None) -> str:
+    """Which exact search runs: "faiss-gpu" (a GPU FAISS build and a GPU), "torch" (CUDA seen by
+    torch but no GPU FAISS), else "faiss" (CPU). use_gpu False forces FAISS on the CPU; `backend`
+    names one outright ("torch" on a CPU-only host runs the same code on the CPU)."""
+    from raylib.torch_search import cuda_present
+
+    if backend is not None:
+        if backend not in SEARCH_BACKENDS:
+            raise ValueError(f"search backend {backend!r} is not one of {SEARCH_BACKENDS}")
+        return backend
+    if use_gpu is False:
+        return "faiss"
+    if gpu_available():
+        return "faiss-gpu"
+    return "torch" if cuda_present() else "faiss"
 
 
 def _resolve_gpu(use_gpu: bool | None) -> bool:
@@ -71,21 +96,29 @@ def flat_ip_index(vectors: np.ndarray, use_gpu: bool | None = None, dtype: str =
 
 
 def exact_search(queries: np.ndarray, docs: np.ndarray, k: int, use_gpu: bool | None = None,
-                 query_chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+                 query_chunk: int = 4096, backend: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k docs by inner product for each query: (scores [nq, k], ids [nq, k]), best first.
 
     k is capped at the number of documents. Queries go in chunks so memory stays bounded. On the
     CPU no index is built (`faiss.knn` reads `docs` in place: no second copy of the documents);
-    it runs the same kernel as IndexFlatIP.search, so results are identical.
+    it runs the same kernel as IndexFlatIP.search, so results are identical. `search_backend`
+    picks FAISS (GPU or CPU) or the torch search (CUDA without GPU FAISS, or backend="torch").
     """
-    import faiss
-
     if len(docs) == 0:
         raise ValueError("cannot search an empty document set")
     k = min(k, len(docs))
     docs = np.ascontiguousarray(docs, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if _resolve_gpu(use_gpu):
+    which = search_backend(use_gpu, backend)
+    if which == "torch":
+        from raylib.torch_search import TorchFlatIP, cuda_present
+
+        index = TorchFlatIP(docs, device="cuda" if cuda_present() else "cpu", storage="fp16",
+                            query_chunk=max(query_chunk, 8192))
+        return index.search(queries, k)
+    import faiss
+
+    if which == "faiss-gpu":
         index = flat_ip_index(docs, True)
         search = lambda x: index.search(x, k)  # noqa: E731
     else:

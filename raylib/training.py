@@ -6,8 +6,10 @@ raylib.ray_train.loop runs these inside Ray Train workers."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -208,7 +210,9 @@ def publish_metrics(checkpoint: str, location: str) -> dict[str, str]:
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     write_text(join(location, METRICS_FILE), text)
     out = {"metrics_path": join(location, METRICS_FILE)}
-    if rows:
+    if rows and importlib.util.find_spec("matplotlib") is None:  # a bare GPU host (bench/gpu)
+        print("matplotlib is not installed: no curves.png", file=sys.stderr)
+    elif rows:
         write_bytes(join(location, "curves.png"), plot_metrics(rows))
         out["curves"] = join(location, "curves.png")
     return out

@@ -119,6 +119,7 @@ def train_worker(config: dict) -> None:
                   "time": round(time.time(), 3)}
         if device.type == "cuda":
             record["mfu"] = round(tokens * flops_per_token / seconds / (t.peak_tflops * 1e12 * world), 4)
+            record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
         if consumed is not None and "id" in rows:
             consumed.write(json.dumps({"step": step, "ids": rows["id"]}) + "\n")
             consumed.flush()
