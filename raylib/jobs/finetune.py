@@ -58,7 +58,7 @@ def run(cfg: FinetuneJobConfig) -> dict:
     from raylib.ray_train.loop import fit
 
     grouping = apply_length_grouping(cfg) if cfg.length_grouping.bounds else None
-    result = fit(cfg, cfg.objective)
+    result = fit(cfg, cfg.objective, "finetune")
     if grouping is not None:
         result["length_grouping"] = grouping
     return finish_training("finetune", cfg, result)

@@ -59,7 +59,7 @@ def run(cfg: PretrainConfig) -> dict:
 
     if cfg.synthetic.rows > 0:
         write_synthetic(cfg)
-    return finish_training("pretrain", cfg, fit(cfg, cfg.loss))
+    return finish_training("pretrain", cfg, fit(cfg, cfg.loss, "pretrain"))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
