@@ -156,7 +156,7 @@ def test_finetune_keeps_best_checkpoint_by_ndcg_and_mlflow_agrees(tmp_path, ray_
 
     pq.write_table(pa.table(_synthetic(200, 3)), tmp_path / "mined.parquet")
     sets = [f"data.paths=[{tmp_path / 'mined.parquet'}]", f"checkpoint.storage_path={tmp_path / 'runs'}",
-            "train.max_steps=40", "train.lr=2e-3", "checkpoint.every_steps=10", "checkpoint.num_to_keep=1",
+            "train.max_steps=40", "data.epochs=2", "train.lr=2e-3", "checkpoint.every_steps=10", "checkpoint.num_to_keep=1",
             "eval.every_n_steps=10", "eval.holdout=0.2", "train.log_every=10",
             "tracking.mlflow.enabled=true", "tracking.mlflow.experiment=ft", "tracking.tensorboard.enabled=true"]
     summary = main(["--config", "jobs/configs/finetune/debug.yaml", *sum((["--set", s] for s in sets), [])])
