@@ -168,7 +168,7 @@ def test_finetune_keeps_best_checkpoint_by_ndcg_and_mlflow_agrees(tmp_path, ray_
     assert sorted(evals) == [10, 20, 30, 40][:len(evals)] and len(evals) >= 3
     assert best["score"] == max(evals.values()) and evals[best["step"]] == best["score"]
     # Ray Train kept the best and the latest checkpoint, nothing else
-    kept = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_"))
+    kept = sorted(p.name for p in run.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
     assert len(kept) == (1 if best["step"] == max(evals) else 2), kept
     ckpt = Path(summary["checkpoint"])
     import torch
