@@ -61,12 +61,17 @@ def manifest_counts(manifest: dict) -> dict:
             "input": list(manifest.get("input", []))}
 
 
+def _dims(info: CardInfo) -> list[int]:
+    """The Matryoshka dims the model was trained for (saved settings, else the objective's)."""
+    return list(info.settings.get("matryoshka_dims") or info.objective.get("matryoshka_dims") or [])
+
+
 def _front_matter(info: CardInfo) -> str:
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense", "raylib",
             "generated_from_trainer", f"dataset_size:{info.data.get('rows', 0)}", "loss:InfoNCE"]
     if "sparse" in info.heads:
         tags += ["sparse", "multi-vector", "bge-m3"]
-    if info.settings.get("matryoshka_dims"):
+    if _dims(info):
         tags.append("loss:MatryoshkaLoss")
     meta: dict[str, Any] = {"tags": tags, "library_name": "sentence-transformers",
                             "pipeline_tag": "sentence-similarity"}
@@ -139,7 +144,7 @@ def render_card(info: CardInfo) -> str:
     lines += [f"| {s} | {n:,} |" for s, n in data.get("sources", {}).items()]
     if data.get("input"):
         lines += ["", "Input: " + ", ".join(f"`{p}`" for p in data["input"])]
-    dims = info.settings.get("matryoshka_dims") or []
+    dims = _dims(info)
     lines += ["", "## Model", "",
               f"- embedding dim {info.dim}; Matryoshka dims trained for: {dims or 'none (full dim only)'}",
               f"- pooling {info.settings.get('pooling')}, normalized {info.settings.get('normalize')}, "
