@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: venv lock demo test bench clean gpu-kit
 
-# Installs come from the lock (exact versions of the `cpu,dev,me5` set for Python 3.11 on Linux
+# Installs come from the lock (exact versions of the `cpu,dev,me5,track` set for Python 3.11 on Linux
 # x86-64), never from whatever is newest that day. `make lock` refreshes it from pyproject.toml.
 LOCK := requirements/lock-py311-linux-x86_64.txt
 UV_VERSION := 0.13.9
@@ -31,7 +31,7 @@ $(STAMP): $(LOCK) pyproject.toml | $(UV)
 venv: $(STAMP)
 
 lock: | $(UV)
-	$(UV) pip compile -q pyproject.toml --extra cpu --extra dev --extra me5 --python-version 3.11 \
+	$(UV) pip compile -q pyproject.toml --extra cpu --extra dev --extra me5 --extra track --python-version 3.11 \
 	  --python-platform x86_64-manylinux_2_28 $(TORCH_SOURCE) --upgrade-package 'torch==2.13.0+cpu' \
 	  --no-header --annotation-style line -o $(LOCK)
 

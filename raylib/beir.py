@@ -71,3 +71,19 @@ def load_beir(root: str | Path, split: str = "test") -> BeirData:
     queries = {str(q["_id"]): _text(q.get("text")) for q in _read_jsonl(root / "queries.jsonl")
                if str(q["_id"]) in qrels}
     return BeirData(corpus=corpus, queries=queries, qrels=qrels)
+
+
+def load_beir_uri(location: str, split: str = "test") -> BeirData:
+    """`load_beir` of a local dir, or of s3:// through a temporary local copy (the reader may run
+    on any node: nothing is read from a disk another node wrote)."""
+    from raylib.storage import is_s3
+
+    if not is_s3(location):
+        return load_beir(location, split)
+    import tempfile
+
+    from raylib.storage import copy_tree
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_tree(location, tmp)
+        return load_beir(tmp, split)

@@ -70,6 +70,16 @@ def evaluate_encoder(encoder: Encoder, data: BeirData, modes: Sequence[str] = ("
               show_progress=show_progress)
     q = encode_all(encoder, [data.queries[i] for i in qids], "query", **kw)
     d = encode_all(encoder, data.doc_texts(), "document", **kw)
+    return evaluate_encoded(q, d, qids, dids, data.qrels, modes, dims, quantization, metrics, k, weights)
+
+
+def evaluate_encoded(q: dict, d: dict, qids: list[str], dids: list[str], qrels: dict,
+                     modes: Sequence[str] = ("dense",), dims: Sequence[int] = (),
+                     quantization: Sequence[str] = ("none",),
+                     metrics: Sequence[str] = ("ndcg@10", "recall@100", "mrr@10"), k: int = 100,
+                     weights: Sequence[float] = DEFAULT_WEIGHTS) -> dict[str, dict[str, float]]:
+    """The scoring half of `evaluate_encoder`: encoded queries and documents (Encoder.encode's
+    outputs, in qids / dids order) -> results per mode, dim and quantization."""
     results: dict[str, dict[str, float]] = {}
     if "dense" in modes:
         for dim in [None, *dims]:
@@ -81,11 +91,11 @@ def evaluate_encoder(encoder: Encoder, data: BeirData, modes: Sequence[str] = ("
                     s, i = exact_search(qd, dd, k)
                 else:
                     s, i = quantized_search(qd, dd, k, method)
-                results[key] = evaluate(data.qrels, _run(qids, dids, s, i), metrics)
+                results[key] = evaluate(qrels, _run(qids, dids, s, i), metrics)
     full = {}
-    if need_sparse:
+    if any(m in ("sparse", "hybrid") for m in modes):
         full["sparse"] = lexical_scores(q["sparse"], d["sparse"])
-    if need_multi:
+    if any(m in ("multivector", "hybrid") for m in modes):
         full["multivector"] = multivector_scores(q["multivector"], d["multivector"])
     if "hybrid" in modes:
         from raylib.scoring import dense_scores
@@ -94,5 +104,5 @@ def evaluate_encoder(encoder: Encoder, data: BeirData, modes: Sequence[str] = ("
     for mode in ("sparse", "multivector", "hybrid"):
         if mode in modes:
             s, i = _topk(full[mode], k)
-            results[mode] = evaluate(data.qrels, _run(qids, dids, s, i), metrics)
+            results[mode] = evaluate(qrels, _run(qids, dids, s, i), metrics)
     return results

@@ -28,6 +28,9 @@ def init_data_ray(num_cpus: int | None = None, block_mib: int | None = 16, **kwa
 
     env = {k: os.environ.get(k, v) for k, v in DATA_WORKER_ENV.items()}
     init_ray(num_cpus, extra_env=env, **kwargs)
+    from raylib.ray_data.progress import install_compact_progress
+
+    install_compact_progress()  # off a terminal: one progress line per dataset per 10 s
     ctx = DataContext.get_current()
     if block_mib:
         ctx.target_max_block_size = block_mib << 20

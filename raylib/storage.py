@@ -117,11 +117,16 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def read_text(path: str) -> str:
-    """Read a small text file from a local path or s3:// URI."""
+def read_bytes(path: str) -> bytes:
+    """Read a small file from a local path or s3:// URI."""
     fs, inner = filesystem_for(path)
     with fs.open_input_stream(inner) as f:
-        return f.read().decode("utf-8")
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    """Read a small text file from a local path or s3:// URI."""
+    return read_bytes(path).decode("utf-8")
 
 
 def exists(path: str) -> bool:

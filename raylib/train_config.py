@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raylib.model import ModelSpec
+from raylib.tracking import TrackingSection
 
 
 @dataclass
@@ -76,6 +77,50 @@ class CheckpointSection:
 
 
 @dataclass
+class EvalSection:
+    """Retrieval evaluation during training, on rank 0 (the other ranks wait at the report
+    barrier): a BEIR dir (local or s3://) or a held-out fraction of the prepared training rows.
+    Every evaluation reports a checkpoint; Ray Train keeps the best `checkpoint.num_to_keep` by
+    `eval/<head>/<metric>` (CheckpointConfig checkpoint_score_attribute/order)."""
+
+    every_n_steps: int = 0     # 0: off; when on, the last step is evaluated too
+    data: str = ""             # BEIR dir: corpus.jsonl, queries.jsonl, qrels/<split>.tsv
+    split: str = "dev"
+    holdout: float = 0.0       # or: this fraction of each source's prepared rows, never trained on
+    metric: str = "ndcg@10"    # the score that picks checkpoints (raylib.metrics name)
+    head: str = "dense"        # whose score: dense, sparse, multivector (M3 heads)
+    order: str = "max"
+    modes: list[str] = field(default_factory=list)  # heads to evaluate; empty: dense + trained M3 heads
+    max_queries: int = 0       # first N queries of the set (0: all)
+    batch_size: int = 64
+    load_best: bool = True     # the job's checkpoint is the best one (False: the last)
+
+    def __post_init__(self) -> None:
+        from raylib.metrics import _parse
+
+        _parse(self.metric)
+        if self.every_n_steps < 0:
+            raise ValueError(f"eval.every_n_steps must be >= 0, got {self.every_n_steps}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"eval.holdout must be in [0, 1), got {self.holdout}")
+        if self.every_n_steps and bool(self.data) == bool(self.holdout):
+            raise ValueError("eval needs exactly one of eval.data (a BEIR dir) and eval.holdout (a fraction)")
+        if self.order not in ("max", "min"):
+            raise ValueError(f"eval.order must be max or min, got {self.order!r}")
+        if self.head not in ("dense", "sparse", "multivector", "hybrid"):
+            raise ValueError(f"eval.head must be dense, sparse, multivector or hybrid, got {self.head!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_n_steps > 0
+
+    @property
+    def score_attribute(self) -> str:
+        """The reported metric that ranks checkpoints."""
+        return f"eval/{self.head}/{self.metric}"
+
+
+@dataclass
 class ScalingSection:
     """Ray Train workers; fractional CPUs keep 2-core machines from starving Ray Data tasks."""
 
@@ -96,3 +141,5 @@ class TrainJobConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)

@@ -195,11 +195,6 @@ def truncate_metrics(path: Path, start_step: int) -> None:
 
 
 
-def progress_line(record: dict, total_steps: int) -> str:
-    dims = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss@"))
-    mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
-    return (f"step {record['step']}/{total_steps} loss {record['loss']:.4f} ({dims}) lr {record['lr']:.2e} "
-            f"{record['examples_per_s']:.1f} ex/s {record['tokens_per_s']:.0f} tok/s{mfu}")
 
 
 

@@ -21,7 +21,6 @@ from typing import Any, Sequence
 from raylib.config import parse_job_args
 from raylib.jobs.summary import finish, seconds
 from raylib.model import ModelSpec
-from raylib.storage import is_s3
 
 SHORTCUTS = {"model": "model", "data": "data", "split": "split", "output": "output"}
 
@@ -51,19 +50,10 @@ class EvaluateConfig:
 
 
 def _load_data(location: str, split: str) -> Any:
-    """The BEIR set from a local dir, or from s3:// through a temporary local copy (the job may run
-    on any node: nothing is read from a disk another node wrote)."""
-    from raylib.beir import load_beir
+    """The BEIR set from a local dir or s3:// (raylib.beir.load_beir_uri)."""
+    from raylib.beir import load_beir_uri
 
-    if not is_s3(location):
-        return load_beir(location, split)
-    import tempfile
-
-    from raylib.storage import copy_tree
-
-    with tempfile.TemporaryDirectory() as tmp:
-        copy_tree(location, tmp)
-        return load_beir(tmp, split)
+    return load_beir_uri(location, split)
 
 
 def run(cfg: EvaluateConfig) -> dict:

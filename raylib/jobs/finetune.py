@@ -62,7 +62,7 @@ def run(cfg: FinetuneJobConfig) -> dict:
     check_scaling(cfg)
     grouping = apply_length_grouping(cfg) if cfg.length_grouping.bounds else None
     prepared = prepare_for_training(cfg, cfg.objective)  # a Ray Data job, or a matching manifest reused
-    result = fit(cfg, cfg.objective, prepared)
+    result = fit(cfg, cfg.objective, prepared, "finetune")
     if grouping is not None:
         result["length_grouping"] = grouping
     return finish_training("finetune", cfg, result)

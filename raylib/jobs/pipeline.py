@@ -253,6 +253,14 @@ def run(cfg: PipelineConfig) -> dict:
             b, a = before["results"][mode]["ndcg@10"], after["results"][mode]["ndcg@10"]
             lines.append(f"evaluate {mode} nDCG@10 on {before['num_queries']} held-out queries: "
                          f"{b:.4f} -> {a:.4f}")
+        card = card_before_after(final_model, cfg.model, before, after)
+        if card:
+            result["card"] = card
+    for name in ("pretrain", "finetune"):
+        if name in stages and stages[name].get("tracking"):
+            lines.append(f"{name} tracking: {stages[name]['tracking']}")
+    if result.get("card") or any(stages.get(n, {}).get("card") for n in ("pretrain", "finetune")):
+        lines.append(f"model card: {result.get('card') or stages['finetune' if 'finetune' in stages else 'pretrain']['card']}")
     if cfg.serve.enabled:
         result["serve"] = serve_and_query(final_model, cfg.serve)
         lines.append(f"served: {result['serve']['url']} answered a {result['serve']['dim']}-d embedding")
@@ -264,11 +272,31 @@ def run(cfg: PipelineConfig) -> dict:
 def _brief(name: str, summary: dict) -> dict:
     """The few numbers of a stage the pipeline's summary keeps (the rest is in its summary.json)."""
     keep = {"filter": ("input", "kept", "rejected", "dropped_by_consistency"),
-            "mine": ("counts",), "pretrain": ("checkpoint", "curves"), "finetune": ("checkpoint", "curves")}
+            "mine": ("counts",), "pretrain": ("checkpoint", "curves", "card", "eval"),
+            "finetune": ("checkpoint", "curves", "card", "eval")}
     out = {k: summary.get(k) for k in keep[name]}
+    mlflow = (summary.get("tracking") or {}).get("mlflow")
+    if mlflow:
+        out["tracking"] = mlflow["url"]
     out.update(seconds=summary.get("seconds"), summary=summary.get("summary_path"),
                skipped=summary.get("skipped", False))
     return out
+
+
+def card_before_after(model: str, base: str, before: dict, after: dict) -> str | None:
+    """Add the pipeline's before/after table to the final model's card (when it has one)."""
+    from raylib.model_card import CARD_FILE, add_section
+
+    if not exists(join(model, CARD_FILE)):
+        return None
+    rows = ["| head | metric | before (`" + base + "`) | after |", "|---|---|---|---|"]
+    for mode, values in after["results"].items():
+        for metric, value in values.items():
+            rows.append(f"| {mode} | {metric} | {before['results'].get(mode, {}).get(metric, float('nan')):.4f} "
+                        f"| {value:.4f} |")
+    body = (f"The pipeline's evaluation on {after['data']} ({after['split']}, {after['num_queries']} queries, "
+            f"{after['num_documents']} documents), before and after training:\n\n" + "\n".join(rows))
+    return add_section(model, "Before / after (pipeline evaluation)", body)
 
 
 def _line(name: str, brief: dict) -> str:
@@ -278,7 +306,9 @@ def _line(name: str, brief: dict) -> str:
     if name == "mine":
         c = brief["counts"]
         return f"mine: {c['input']} pairs in, {c['kept']} with hard negatives{done}"
-    return f"{name}: checkpoint {brief['checkpoint']}{done}; curves {brief['curves']}"
+    best = brief.get("eval")
+    kept = f"; best {best['metric']} {best['score']:.4f} at step {best['step']}" if best else ""
+    return f"{name}: checkpoint {brief['checkpoint']}{done}; curves {brief['curves']}{kept}"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -63,7 +63,7 @@ def run(cfg: PretrainConfig) -> dict:
     if cfg.synthetic.rows > 0:
         write_synthetic(cfg)
     prepared = prepare_for_training(cfg, cfg.loss)  # a Ray Data job, or a matching manifest reused
-    return finish_training("pretrain", cfg, fit(cfg, cfg.loss, prepared))
+    return finish_training("pretrain", cfg, fit(cfg, cfg.loss, prepared, "pretrain"))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -52,13 +52,43 @@ def seconds(value: float) -> str:
 
 
 def finish_training(job: str, cfg: Any, result: dict[str, Any]) -> dict[str, Any]:
-    """`finish` for the Ray Train jobs: the summary goes to the run's storage location."""
+    """`finish` for the Ray Train jobs: the summary goes to the run's storage location; the
+    tracking run (raylib.tracking) gets TensorBoard files, the curves, summary and card."""
+    from raylib import tracking
+
     result = {k: v for k, v in result.items() if k != "config"}
+    run = result.pop("mlflow_run", None)
+    rows = [json.loads(x) for x in read_text(result["metrics_path"]).splitlines() if x.strip()] \
+        if result.get("metrics_path") else []
+    tb = None
+    if cfg.tracking.tensorboard.enabled:
+        tb = tracking.write_tensorboard(rows, cfg.tracking.tensorboard.log_dir or join(result["output"], "tensorboard"))
+    result["tracking"] = tracking.summarize(run, tb)
     m, plan = result.get("metrics") or {}, result["plan"]
     lines = [f"{plan['total_steps']} steps of {plan['global_batch_size']} on {plan['num_workers']} "
              f"worker(s) from {len(plan['source_rows'])} source(s); {seconds(result['seconds'])}",
              f"last step: loss {m.get('loss', float('nan')):.4f}, lr {m.get('lr', 0):.2e}, "
-             f"{m.get('examples_per_s', 0)} examples/s",
-             f"checkpoint: {result['checkpoint']}",
-             f"training curves: {result.get('curves')}"]
-    return finish(job, result, result["output"], lines)
+             f"{m.get('examples_per_s', 0)} examples/s"]
+    best = result.get("eval")
+    if best:
+        evals = [r.get("eval_s", 0) for r in rows if "eval_s" in r]
+        lines.append(f"best {best['metric']} {best['score']:.4f} at step {best['step']} (kept steps "
+                     f"{best['kept']}; {len(evals)} evaluations, {sum(evals) / max(len(evals), 1):.1f} s each)")
+    lines += [f"checkpoint: {result['checkpoint']}", f"training curves: {result.get('curves')}",
+              f"model card: {result.get('card')}"]
+    if run is not None:
+        lines.append(f"MLflow run: {run.url}")
+    if tb:
+        lines.append(f"TensorBoard: tensorboard --logdir {tb}")
+    summary = finish(job, result, result["output"], lines)
+    if run is not None:
+        artifacts = {"summary.json": read_text(summary["summary_path"])}
+        if result.get("curves"):
+            from raylib.storage import read_bytes
+
+            artifacts["curves.png"] = read_bytes(result["curves"])
+        if result.get("card"):
+            artifacts["README.md"] = read_text(result["card"])
+        tags = {"best_step": str(best["step"]), "best_score": str(best["score"])} if best else {}
+        run.finish(artifacts, tags)
+    return summary
