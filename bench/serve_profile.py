@@ -142,7 +142,7 @@ def main() -> None:
     report["ingress_json"] = p50(parse_render, args.requests)
     del enc
 
-    variants = {"current": app}
+    variants = {"current": lambda a: app({**a, "colocate": False})}
     if args.colocate:
         variants["colocated"] = lambda a: app({**a, "colocate": True})
     tmp = tempfile.TemporaryDirectory()

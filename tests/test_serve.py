@@ -48,8 +48,8 @@ def server(ray_session, tiny_dir, tmp_path_factory):
                        "backend": backend, "colocate": backend == "torch"}),
                   name=f"embed-{backend}", route_prefix=prefix or "/")
     serve.run(app({"model": str(plain_dir), "served_model_name": "plain", "num_cpus": 0.25,
-                   "max_batch_size": 8, "batch_wait_timeout_s": 0.5, "max_ongoing_requests": 2,
-                   "max_queued_requests": 2, "retry_after_s": 2, "backend": "onnx"}),
+                   "max_batch_size": 8, "batch_wait_timeout_s": 0.5, "max_ongoing_requests": 8,
+                   "max_queued_requests": 2, "retry_after_s": 2, "backend": "onnx", "colocate": False}),
               name="tight", route_prefix="/tight")
     yield {"base": f"http://127.0.0.1:{port}", "plain_dir": plain_dir}
     for backend in BACKENDS:

@@ -32,7 +32,8 @@ def fuzz_server(ray_session, tiny_dir):
     start_serve(port=port, drain_s=1)  # the shipped fast ingress (HAProxy + direct ingress)
     serve.run(app({"model": str(tiny_dir), "served_model_name": "tiny", "num_cpus": 0.25,
                    "max_batch_size": 16, "max_inputs_per_request": 8,
-                   "max_chars_per_input": 300, "num_replicas": 2, "max_queued_requests": -1}),
+                   "max_chars_per_input": 300, "num_replicas": 2, "max_queued_requests": -1,
+                   "colocate": False}),
               name="fuzz", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.delete("fuzz")
