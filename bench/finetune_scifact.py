@@ -141,11 +141,57 @@ def train_in_process(cfg, out: Path) -> dict:
             "plan": {"total_steps": total, "dropped_rows": n - steps_per_epoch * b}}
 
 
+def mining_key(args) -> str:
+    """Cache key of one mining pass: everything that changes its rows."""
+    return (f"n{args.mine_negatives}-c{args.candidates}-r{args.max_pos_ratio}-dev{args.dev}-s{args.seed}")
+
+
+def prepare(args) -> dict:
+    """Load SciFact, encode the corpus with the teacher (cached), score "before", split dev and
+    mine once (cached under <out>/mined/<key>/mined.parquet, reused by every recipe and by
+    bench/finetune_vs_st.py with the same --out)."""
+    out = Path(args.out).resolve()
+    timings, start = {}, time.time()
+    test = load_beir(args.data, "test")
+    train = load_beir(args.data, "train")
+    assert test.doc_ids() == train.doc_ids()  # one corpus
+    train, dev = split_dev(train, args.dev, args.seed)
+    mined_dir = out / "mined" / mining_key(args)
+    cache = out / "minilm_corpus.npy"  # the teacher's corpus encoding, reused by reruns
+    summary_file = mined_dir / "summary.json"
+    teacher = Encoder.from_pretrained("minilm", device="cpu")
+    if cache.exists():
+        doc_emb = np.load(cache)
+    else:
+        doc_emb = teacher.encode_dense(test.doc_texts(), kind="document", batch_size=64)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, doc_emb)
+    if summary_file.exists():
+        info = json.loads(summary_file.read_text())
+    else:
+        info = {"before_ndcg@10": dense_ndcg(teacher, test, doc_emb),
+                "dev_before_ndcg@10": dense_ndcg(teacher, dev, doc_emb) if args.dev else None}
+        timings["encode_corpus_and_eval_before_s"] = round(time.time() - start, 1)
+        t = time.time()
+        rule = NegativeRule(num_negatives=args.mine_negatives, max_pos_ratio=args.max_pos_ratio).validate()
+        info["mined"] = mine(teacher, train, doc_emb, rule, args.candidates, mined_dir, args.seed)
+        timings["mine_s"] = round(time.time() - t, 1)
+        info["timings"] = timings
+        summary_file.write_text(json.dumps(info))
+    print(f"before: minilm SciFact test nDCG@10 = {info['before_ndcg@10']:.4f}"
+          + (f"  (train-dev {info['dev_before_ndcg@10']:.4f}, {len(dev.queries)} held-out train queries)"
+             if args.dev else ""), flush=True)
+    print(f"mined: {json.dumps(info['mined'])}", flush=True)
+    return {**info, "test": test, "dev": dev, "mined_path": mined_dir / "mined.parquet", "out": out}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(SHARED / "scifact"))
     p.add_argument("--out", default="runs/bench_scifact")
-    p.add_argument("--negatives", type=int, default=3)
+    p.add_argument("--negatives", type=int, default=3, help="hard negatives per group in training")
+    p.add_argument("--mine-negatives", type=int, default=7,
+                   help="negatives kept per row by the one mining pass (recipes use the first --negatives)")
     p.add_argument("--candidates", type=int, default=50)
     p.add_argument("--max-pos-ratio", type=float, default=0.95)
     p.add_argument("--batch", type=int, default=16)
@@ -162,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dev", type=int, default=0,
                    help="hold out this many train queries as a dev set for tuning (never the test set)")
+    p.add_argument("--mine-only", action="store_true", help="stop after the (cached) mining pass")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -171,32 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     timings = {}
     start = time.time()
-
-    teacher = Encoder.from_pretrained("minilm", device="cpu")
-    test = load_beir(args.data, "test")
-    train = load_beir(args.data, "train")
-    assert test.doc_ids() == train.doc_ids()  # one corpus
-    train, dev = split_dev(train, args.dev, args.seed)
-    cache = out / "minilm_corpus.npy"  # the teacher's corpus encoding, reused by reruns
-    if cache.exists():
-        doc_emb = np.load(cache)
-    else:
-        doc_emb = teacher.encode_dense(test.doc_texts(), kind="document", batch_size=64)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, doc_emb)
-    before = dense_ndcg(teacher, test, doc_emb)
-    dev_before = dense_ndcg(teacher, dev, doc_emb) if args.dev else None
-    timings["encode_corpus_and_eval_before_s"] = round(time.time() - start, 1)
-    print(f"before: minilm SciFact test nDCG@10 = {before:.4f}"
-          + (f"  (train-dev {dev_before:.4f}, {len(dev.queries)} held-out train queries)" if args.dev else ""),
-          flush=True)
-
-    t = time.time()
-    rule = NegativeRule(num_negatives=args.negatives, max_pos_ratio=args.max_pos_ratio).validate()
-    mined = mine(teacher, train, doc_emb, rule, args.candidates, out / "mined", args.seed)
-    timings["mine_s"] = round(time.time() - t, 1)
-    print(f"mined: {json.dumps(mined)}", flush=True)
-    del teacher, doc_emb
+    prep = prepare(args)
+    if args.mine_only:
+        return {k: v for k, v in prep.items() if k not in ("test", "dev")}
+    test, dev, before, dev_before = prep["test"], prep["dev"], prep["before_ndcg@10"], prep["dev_before_ndcg@10"]
+    mined = prep["mined"]
 
     from raylib.config import load_config
     from raylib.jobs.finetune import FinetuneJobConfig
@@ -204,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     overrides = [
         "model.name_or_path=minilm", "model.tiny={}",
-        f"data.paths=[{out / 'mined' / 'mined.parquet'}]", f"data.global_batch_size={args.batch}",
+        f"data.paths=[{prep['mined_path']}]", f"data.global_batch_size={args.batch}",
         f"data.epochs={args.epochs}", f"data.seed={args.seed}",
         f"train.lr={args.lr}", "train.warmup=0", "train.decay=0.5", "train.max_steps=0",
         "train.weight_decay=0.01", "train.log_every=5", f"train.seed={args.seed}",

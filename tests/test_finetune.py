@@ -159,6 +159,27 @@ def test_flagembedding_loads_our_finetuned_m3_model(m3_trained):
         np.testing.assert_allclose(mine[key], theirs[ref_key], atol=1e-5, err_msg=key)
 
 
+def test_m3_warmup_phase_in_the_training_step():
+    """The loop's step reaches the objective (begin_step): no self-distillation for the first
+    m3.warmup_steps optimizer steps, unified self-KD after; the first steps' loss is L alone."""
+    encoder = tiny_encoder(hidden_size=16, num_layers=1, m3_heads=True, seed=2)
+    objective = FinetuneObjective(mode="m3", num_negatives=2, temperature=0.1, query_max_length=8,
+                                  document_max_length=12, negatives="hard",
+                                  m3=M3Weights(warmup_steps=2))
+    rows = _synthetic(4, 3, num_negatives=2)
+    t = TrainSection(lr=0.0, warmup=0, decay=0)
+    opt = build_optimizer(encoder, t)
+    sched = wsd_scheduler(opt, 4, 0, 0)
+    flags = [training_step(encoder, encoder, objective, rows, opt, sched, t, torch.device("cpu"),
+                           step=s)[0] for s in range(4)]
+    assert [m["self_distill"] for m in flags] == [0.0, 0.0, 1.0, 1.0]
+    parts = ("loss_dense", "loss_lex", "loss_mul", "loss_inter")
+    lam = {"loss_dense": 1.0, "loss_lex": 0.1, "loss_mul": 1.0, "loss_inter": 1.0}
+    for m in flags[:2]:  # lr 0: the same model every step; warm-up loss = L of M3 eq. 1
+        assert m["loss"] == pytest.approx(sum(lam[k] * m[k] for k in parts) / 4, rel=1e-5)
+    assert flags[2]["loss"] != pytest.approx(flags[1]["loss"], rel=1e-4)
+
+
 def test_dense_finetuning_with_teacher_distillation_learns():
     encoder = tiny_encoder(hidden_size=32, num_layers=2, seed=1)
     objective = FinetuneObjective(mode="dense", num_negatives=3, temperature=0.05, query_max_length=16,

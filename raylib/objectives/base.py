@@ -39,6 +39,8 @@ class Objective(Protocol):
       Returns (scalar loss, {metric: float}). Cross-worker gathers happen in here: every rank calls
       loss exactly once per step. The loss is this rank's mean; the loop averages gradients over ranks
       (DDP), so the loss should be the global loss restricted to this rank's queries.
+    - optional method `begin_step(step)`: the 0-based optimizer step about to run, called before
+      `features` (the M3 warm-up turns self-distillation on by it).
     - optional attribute `pad_across_workers: bool` (default False): when True the loop pads each side
       to the longest length over all workers, so gathered per-token reps (multi-vector) line up.
     """

@@ -93,11 +93,14 @@ def train_flops_per_token(encoder: Encoder, t: TrainSection, activation_checkpoi
 
 def training_step(model: Any, encoder: Encoder, objective: Any, rows: dict[str, list],
                   optimizer: torch.optim.Optimizer, scheduler: Any, t: TrainSection, device: torch.device,
-                  distributed: bool = False) -> tuple[dict[str, float], int]:
+                  distributed: bool = False, step: int | None = None) -> tuple[dict[str, float], int]:
     """One optimizer step on this worker's rows; returns (metrics of this rank, local tokens).
 
-    `model` is what the objective calls (DDP-wrapped when distributed), `encoder` the bare Encoder.
+    `model` is what the objective calls (DDP-wrapped when distributed), `encoder` the bare Encoder;
+    `step` (0-based) goes to the objective's optional `begin_step` (M3 warm-up).
     """
+    if step is not None and hasattr(objective, "begin_step"):
+        objective.begin_step(step)
     features = objective.features(encoder, rows)
     features = {s: {k: v.to(device) for k, v in f.items()} for s, f in features.items()}
     if getattr(objective, "pad_across_workers", False) or t.grad_cache_chunk:
@@ -227,7 +230,7 @@ def train_worker(config: dict) -> None:
                 raise RuntimeError(f"injected worker failure at step {step} (train.fail_at_step)")
         torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)  # dropout: a function of (step, rank)
         metrics, tokens = training_step(model, encoder, objective, rows, optimizer, scheduler, t, device,
-                                        distributed=world > 1)
+                                        distributed=world > 1, step=step)
         metrics["data_wait_s"] = waited  # mean over workers below
         metrics = _mean_over_workers(metrics, device)
         tokens = _sum_over_workers(tokens, device)
