@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_scifact import (RECIPES, SHARED, batch_order, dense_ndcg, finetune,  # noqa: E402
-                              finetune_config, prepare)
+from finetune_scifact import (RECIPES, SHARED, _ints, batch_order, dense_ndcg,  # noqa: E402
+                              finetune, finetune_config, prepare)
 
 from raylib.model import Encoder  # noqa: E402
 
@@ -75,6 +75,11 @@ def train_st(cols: dict, args, total: int, decay_steps: int, out: Path) -> dict:
     model = SentenceTransformer(str(resolve_model_path("minilm")), device="cpu")
     model.max_seq_length = args.doc_max_length
     loss = MultipleNegativesRankingLoss(model, scale=1.0 / args.temperature)
+    if args.matryoshka_dims:  # raylib.losses.matryoshka: full-dim loss + each prefix's, weight 1
+        from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
+
+        full = model.get_sentence_embedding_dimension()
+        loss = MatryoshkaLoss(model, loss, matryoshka_dims=[full, *args.matryoshka_dims])
     targs = SentenceTransformerTrainingArguments(
         output_dir=str(out / "st_trainer"), per_device_train_batch_size=args.batch, max_steps=total,
         learning_rate=args.lr, weight_decay=0.01, warmup_steps=0, max_grad_norm=1.0,
@@ -109,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--decay", type=float, default=base["decay"])
     p.add_argument("--temperature", type=float, default=base["temperature"])
     p.add_argument("--doc-max-length", type=int, default=base["doc_max_length"])
+    p.add_argument("--matryoshka-dims", type=_ints, default=[],
+                   help="Matryoshka on both sides (ours: objective.matryoshka_dims; theirs: "
+                        "MatryoshkaLoss over MNRL), scored at these dims too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dev", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -129,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     start, timings = time.time(), {}
     prep = prepare(args)
-    out = prep["out"] / f"vs_st_s{args.steps}_n{args.negatives}_b{args.batch}"
+    mrl = "".join(f"_m{d}" for d in args.matryoshka_dims)
+    out = prep["out"] / f"vs_st_s{args.steps}_n{args.negatives}_b{args.batch}{mrl}"
     test = prep["test"]
     table = pq.read_table(prep["mined_path"]).to_pydict()
     steps = batch_order(len(table["query"]), args.batch, args.epochs, args.seed, args.steps)
@@ -143,9 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
               "decay_steps": decay_steps, "queries_longer_than_64_tokens": int(long_queries)}
     doc_texts = test.doc_texts()
 
-    def score(checkpoint: str) -> float:
+    def score(checkpoint: str, name: str) -> float:
         model = Encoder.from_pretrained(checkpoint, device="cpu")
-        return dense_ndcg(model, test, model.encode_dense(doc_texts, kind="document", batch_size=64))
+        emb = model.encode_dense(doc_texts, kind="document", batch_size=64)
+        for dim in args.matryoshka_dims:
+            result[f"{name}_dim{dim}"] = round(dense_ndcg(model, test, emb, dim), 4)
+        return dense_ndcg(model, test, emb)
 
     if args.only in ("both", "ours"):
         ours_args = argparse.Namespace(**{**base, **vars(args), "recipe": "base", "cpus": 2.0})
@@ -154,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary = finetune(cfg, args.trainer, out)
         timings["ours_train_s"] = round(time.time() - t, 1)
         t = time.time()
-        result["ours"] = round(score(summary["checkpoint"]), 4)
+        result["ours"] = round(score(summary["checkpoint"], "ours"), 4)
         timings["ours_eval_s"] = round(time.time() - t, 1)
         result["ours_lrs"] = [round(x, 10) for x in summary.get("lrs", [])]
         print(f"ours: SciFact test nDCG@10 = {result['ours']:.4f}", flush=True)
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         st = train_st(st_columns(table, steps, args.negatives), args, total, decay_steps, out)
         timings["st_train_s"] = round(time.time() - t, 1)
         t = time.time()
-        result["st"] = round(score(st["checkpoint"]), 4)
+        result["st"] = round(score(st["checkpoint"], "st"), 4)
         timings["st_eval_s"] = round(time.time() - t, 1)
         result.update({"st_lrs": st["lrs"], "st_losses": st["losses"], "st_steps": st["steps"]})
         print(f"sentence-transformers: SciFact test nDCG@10 = {result['st']:.4f}", flush=True)

@@ -175,7 +175,7 @@ class EncoderDeployment:
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
         for i, item in enumerate(items):
             key = (item["kind"], bool(item.get("dense", True)), bool(item.get("sparse")),
-                   bool(item.get("multivector")))
+                   bool(item.get("multivector")), item.get("mcls"))
             groups[key].append(i)
         for key, members in groups.items():
             try:
@@ -198,10 +198,11 @@ class EncoderDeployment:
         """Tokenize once (ids and token counts from the same pass), one forward, split per call."""
         from raylib.model import truncate_dims
 
-        kind, dense, sparse, multi = key
+        kind, dense, sparse, multi, mcls = key
         texts = [t for item in items for t in item["texts"]]
         ids = self.model.tokenize(texts, kind, self.max_length, padding=False)["input_ids"]
-        out = self.model.encode_features(ids, dense, sparse, multi, batch_size=len(ids))
+        extra = {"mcls": mcls} if mcls else {}  # MCLS: torch backend only (checked by the ingress)
+        out = self.model.encode_features(ids, dense, sparse, multi, batch_size=len(ids), **extra)
         if dense and not np.isfinite(out["dense"]).all():
             raise FloatingPointError("the model produced non-finite values")
         if multi and not all(np.isfinite(m).all() for m in out["multivector"]):
@@ -555,11 +556,12 @@ class Ingress:
         return dimensions if dimensions < dim else None
 
     async def encode(self, texts: list[str], kind: str, dense: bool = True, sparse: bool = False,
-                     multivector: bool = False, dim: Optional[int] = None) -> dict:
+                     multivector: bool = False, dim: Optional[int] = None,
+                     mcls: Optional[int] = None) -> dict:
         """Split into max_batch_size chunks (Serve batches across requests), encode, merge."""
         step = self.args.max_batch_size
         flags = {"kind": kind, "dense": dense, "sparse": sparse, "multivector": multivector,
-                 "dim": dim}
+                 "dim": dim, "mcls": mcls}
         outs = await asyncio.gather(*[
             self._call(lambda s=s: self.encoder.encode.remote({"texts": texts[s:s + step], **flags}))
             for s in range(0, len(texts), step)])
@@ -625,6 +627,9 @@ class Ingress:
                            "quantization")
         if body.int8_range is not None and body.quantization != "int8":
             raise APIError(400, "int8_range needs quantization='int8'.", "int8_range")
+        if body.mcls and (body.sparse or body.multivector or info.get("backend") != "torch"):
+            raise APIError(400, "mcls gives dense vectors only, on the torch backend: set "
+                                "sparse=false, multivector=false.", "mcls")
         dim = await self.check_dimensions(body.dimensions)
         out_dim = dim or info["dim"]
         calibration = None
@@ -642,7 +647,8 @@ class Ingress:
                 raise APIError(400, "int8_range needs hi - lo >= 1e-6 in every dimension.",
                                "int8_range")
             calibration = Int8Calibration(lo_a.copy(), ((hi_a - lo_a) / 255.0).astype(np.float32))
-        out = await self.encode(texts, body.kind, body.dense, body.sparse, body.multivector, dim)
+        out = await self.encode(texts, body.kind, body.dense, body.sparse, body.multivector, dim,
+                                body.mcls)
         result: dict[str, Any] = {"object": "list", "model": self.model_name, "kind": body.kind}
         data = [{"index": i} for i in range(len(texts))]
         if body.dense:
