@@ -35,16 +35,19 @@ import numpy as np
 from raylib.beir import load_beir
 from raylib.metrics import evaluate
 from raylib.mining import KEPT, NegativeRule, mine_in_memory
-from raylib.model import Encoder
+from raylib.model import Encoder, truncate_dims
 from raylib.search import exact_search
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data
 
 
-def dense_ndcg(encoder: Encoder, data, doc_emb: np.ndarray) -> float:
-    """nDCG@10 of dense retrieval with precomputed document embeddings (raylib.evaluation's path)."""
+def dense_ndcg(encoder: Encoder, data, doc_emb: np.ndarray, dim: int | None = None) -> float:
+    """nDCG@10 of dense retrieval with precomputed document embeddings (raylib.evaluation's path),
+    Matryoshka-truncated to `dim` (and renormalized) if given."""
     qids, dids = list(data.queries), data.doc_ids()
     q = encoder.encode_dense([data.queries[i] for i in qids], kind="query", batch_size=64)
+    if dim:
+        q, doc_emb = truncate_dims(q, dim), truncate_dims(doc_emb, dim)
     scores, ids = exact_search(q, doc_emb, 100)
     run = {qid: {dids[j]: float(s) for s, j in zip(scores[i], ids[i])} for i, qid in enumerate(qids)}
     return evaluate(data.qrels, run, ["ndcg@10"])["ndcg@10"]
@@ -105,6 +108,39 @@ def mine(encoder: Encoder, train, doc_emb: np.ndarray, rule: NegativeRule, candi
             "mean_negative_score": float(np.nanmean(sel.neg_scores[sel.status == KEPT]))}
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+# Recipe defaults. base: the fixed-in-advance run of the README (0.6451 -> 0.6946). arctic:
+# Arctic-Embed 2.0 finetuning (App. C: hard negatives, §2.5 Matryoshka) at minilm's scale, MRL at
+# 128 of 384 dims. m3: minilm + BGE-M3's sparse and multi-vector heads, warm-up then self-KD (M3
+# §3.3, App. B.1), hybrid weights M3 §3.2 / FlagEmbedding's (dense 0.4, sparse 0.2, multi 0.4).
+COMMON = dict(negatives=3, batch=16, epochs=1, steps=0, lr=2e-5, decay=0.5, temperature=0.05,
+              doc_max_length=256, in_batch=True, matryoshka_dims=[], eval_dims=[],
+              distill_weight=0.0, teacher_temperature=0.05, m3_warmup_steps=0,
+              hybrid_weights=[0.4, 0.2, 0.4])
+RECIPES = {
+    "base": COMMON,
+    "arctic": {**COMMON, "matryoshka_dims": [128], "eval_dims": [128]},
+    "m3": {**COMMON, "m3_warmup_steps": 20},
+}
+
+
+def batch_order(n: int, batch: int, epochs: int, seed: int, max_steps: int = 0) -> list[np.ndarray]:
+    """Row indices of each step: a seeded permutation per epoch, remainder dropped, cut at max_steps
+    (the in-process trainer's order; bench/finetune_vs_st.py feeds sentence-transformers the same)."""
+    steps = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        steps.extend(order[k * batch:(k + 1) * batch] for k in range(n // batch))
+    return steps[:max_steps] if max_steps > 0 else steps
+
+
 def train_in_process(cfg, out: Path) -> dict:
     """The Ray Train loop's step (same objective, optimizer, WSD schedule, clipping) in this process:
     seeded shuffled batches of data.global_batch_size rows, remainder dropped as in the Ray plan."""
@@ -115,45 +151,98 @@ def train_in_process(cfg, out: Path) -> dict:
     from raylib.schedule import wsd_scheduler
 
     table = pq.read_table(cfg.data.paths[0]).to_pydict()
-    n, b = len(table["query"]), cfg.data.global_batch_size
-    steps_per_epoch = n // b
-    total = steps_per_epoch * cfg.data.epochs
+    n = len(table["query"])
+    steps = batch_order(n, cfg.data.global_batch_size, cfg.data.epochs, cfg.data.seed, cfg.train.max_steps)
+    total = len(steps)
     torch.manual_seed(cfg.train.seed)
     encoder = load_encoder(cfg.model, cfg.train.seed)
     encoder.train()
     opt = build_optimizer(encoder, cfg.train)
     sched = wsd_scheduler(opt, total, cfg.train.warmup, cfg.train.decay, cfg.train.min_lr_ratio)
-    objective = cfg.objective
-    step, metrics = 0, {}
-    for epoch in range(cfg.data.epochs):
-        order = np.random.default_rng([cfg.data.seed, epoch]).permutation(n)
-        for k in range(steps_per_epoch):
-            idx = order[k * b:(k + 1) * b]
-            rows = {c: [v[i] for i in idx] for c, v in table.items()}
-            metrics, _ = training_step(encoder, encoder, objective, rows, opt, sched, cfg.train,
-                                       torch.device("cpu"))
-            step += 1
-            if step % cfg.train.log_every == 0 or step == total:
-                print(f"step {step}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}", flush=True)
+    metrics, lrs = {}, []
+    for step, idx in enumerate(steps):
+        rows = {c: [v[i] for i in idx] for c, v in table.items()}
+        metrics, _ = training_step(encoder, encoder, cfg.objective, rows, opt, sched, cfg.train,
+                                   torch.device("cpu"), step=step)
+        lrs.append(metrics["lr"])
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total:
+            print(f"step {step + 1}/{total} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}", flush=True)
     encoder.eval()
     path = encoder.save_pretrained(out / "model")
-    return {"checkpoint": str(path), "metrics": metrics,
-            "plan": {"total_steps": total, "dropped_rows": n - steps_per_epoch * b}}
+    return {"checkpoint": str(path), "metrics": metrics, "lrs": lrs,
+            "plan": {"total_steps": total, "dropped_rows": n - (n // cfg.data.global_batch_size)
+                     * cfg.data.global_batch_size}}
+
+
+def mining_key(args) -> str:
+    """Cache key of one mining pass: everything that changes its rows."""
+    return (f"n{args.mine_negatives}-c{args.candidates}-r{args.max_pos_ratio}-dev{args.dev}-s{args.seed}")
+
+
+def prepare(args) -> dict:
+    """Load SciFact, encode the corpus with the teacher (cached), score "before", split dev and
+    mine once (cached under <out>/mined/<key>/mined.parquet, reused by every recipe and by
+    bench/finetune_vs_st.py with the same --out)."""
+    out = Path(args.out).resolve()
+    timings, start = {}, time.time()
+    test = load_beir(args.data, "test")
+    train = load_beir(args.data, "train")
+    assert test.doc_ids() == train.doc_ids()  # one corpus
+    train, dev = split_dev(train, args.dev, args.seed)
+    mined_dir = out / "mined" / mining_key(args)
+    cache = out / "minilm_corpus.npy"  # the teacher's corpus encoding, reused by reruns
+    summary_file = mined_dir / "summary.json"
+    teacher = Encoder.from_pretrained("minilm", device="cpu")
+    if cache.exists():
+        doc_emb = np.load(cache)
+    else:
+        doc_emb = teacher.encode_dense(test.doc_texts(), kind="document", batch_size=64)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, doc_emb)
+    if summary_file.exists():
+        info = json.loads(summary_file.read_text())
+    else:
+        info = {"before_ndcg@10": dense_ndcg(teacher, test, doc_emb),
+                "dev_before_ndcg@10": dense_ndcg(teacher, dev, doc_emb) if args.dev else None}
+        timings["encode_corpus_and_eval_before_s"] = round(time.time() - start, 1)
+        t = time.time()
+        rule = NegativeRule(num_negatives=args.mine_negatives, max_pos_ratio=args.max_pos_ratio).validate()
+        info["mined"] = mine(teacher, train, doc_emb, rule, args.candidates, mined_dir, args.seed)
+        timings["mine_s"] = round(time.time() - t, 1)
+        info["timings"] = timings
+        summary_file.write_text(json.dumps(info))
+    print(f"before: minilm SciFact test nDCG@10 = {info['before_ndcg@10']:.4f}"
+          + (f"  (train-dev {info['dev_before_ndcg@10']:.4f}, {len(dev.queries)} held-out train queries)"
+             if args.dev else ""), flush=True)
+    print(f"mined: {json.dumps(info['mined'])}", flush=True)
+    return {**info, "test": test, "dev": dev, "mined_path": mined_dir / "mined.parquet", "out": out}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="base",
+                   help="hyperparameter defaults (RECIPES); any flag below overrides them")
     p.add_argument("--data", default=str(SHARED / "scifact"))
     p.add_argument("--out", default="runs/bench_scifact")
-    p.add_argument("--negatives", type=int, default=3)
+    p.add_argument("--negatives", type=int, help="hard negatives per group in training")
+    p.add_argument("--mine-negatives", type=int, default=7,
+                   help="negatives kept per row by the one mining pass (recipes use the first --negatives)")
     p.add_argument("--candidates", type=int, default=50)
     p.add_argument("--max-pos-ratio", type=float, default=0.95)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--doc-max-length", type=int, default=256)
-    p.add_argument("--in-batch", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps", type=int, help="stop after this many steps (0: all epochs)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--decay", type=float, help="WSD linear decay: steps or fraction of all steps")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--doc-max-length", type=int)
+    p.add_argument("--in-batch", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--matryoshka-dims", type=_ints, help="e.g. 128 or 192,128")
+    p.add_argument("--eval-dims", type=_ints, help="truncations scored after training")
+    p.add_argument("--distill-weight", type=float, help="KL to the stored teacher scores (0: off)")
+    p.add_argument("--teacher-temperature", type=float)
+    p.add_argument("--m3-warmup-steps", type=int, help="M3 App. B.1 warm-up steps before self-KD")
+    p.add_argument("--hybrid-weights", type=_floats, help="dense,sparse,multivector weights of the hybrid")
     p.add_argument("--cpus", type=float, default=2.0, help="CPUs of the Ray Train worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainer", choices=("ray", "inprocess"), default="ray",
@@ -162,7 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dev", type=int, default=0,
                    help="hold out this many train queries as a dev set for tuning (never the test set)")
+    p.add_argument("--mine-only", action="store_true", help="stop after the (cached) mining pass")
     args = p.parse_args(argv)
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out).resolve()
@@ -171,76 +264,93 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     timings = {}
     start = time.time()
+    prep = prepare(args)
+    if args.mine_only:
+        return {k: v for k, v in prep.items() if k not in ("test", "dev")}
+    test, dev, before, dev_before = prep["test"], prep["dev"], prep["before_ndcg@10"], prep["dev_before_ndcg@10"]
+    mined = prep["mined"]
 
-    teacher = Encoder.from_pretrained("minilm", device="cpu")
-    test = load_beir(args.data, "test")
-    train = load_beir(args.data, "train")
-    assert test.doc_ids() == train.doc_ids()  # one corpus
-    train, dev = split_dev(train, args.dev, args.seed)
-    cache = out / "minilm_corpus.npy"  # the teacher's corpus encoding, reused by reruns
-    if cache.exists():
-        doc_emb = np.load(cache)
-    else:
-        doc_emb = teacher.encode_dense(test.doc_texts(), kind="document", batch_size=64)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, doc_emb)
-    before = dense_ndcg(teacher, test, doc_emb)
-    dev_before = dense_ndcg(teacher, dev, doc_emb) if args.dev else None
-    timings["encode_corpus_and_eval_before_s"] = round(time.time() - start, 1)
-    print(f"before: minilm SciFact test nDCG@10 = {before:.4f}"
-          + (f"  (train-dev {dev_before:.4f}, {len(dev.queries)} held-out train queries)" if args.dev else ""),
-          flush=True)
-
+    cfg = finetune_config(args, prep["mined_path"], out)
     t = time.time()
-    rule = NegativeRule(num_negatives=args.negatives, max_pos_ratio=args.max_pos_ratio).validate()
-    mined = mine(teacher, train, doc_emb, rule, args.candidates, out / "mined", args.seed)
-    timings["mine_s"] = round(time.time() - t, 1)
-    print(f"mined: {json.dumps(mined)}", flush=True)
-    del teacher, doc_emb
-
-    from raylib.config import load_config
-    from raylib.jobs.finetune import FinetuneJobConfig
-    from raylib.jobs.prepare import prepare_for_training
-    from raylib.ray_train.loop import fit
-
-    overrides = [
-        "model.name_or_path=minilm", "model.tiny={}",
-        f"data.paths=[{out / 'mined' / 'mined.parquet'}]", f"data.global_batch_size={args.batch}",
-        f"data.epochs={args.epochs}", f"data.seed={args.seed}",
-        f"train.lr={args.lr}", "train.warmup=0", "train.decay=0.5", "train.max_steps=0",
-        "train.weight_decay=0.01", "train.log_every=5", f"train.seed={args.seed}",
-        "objective.mode=dense", f"objective.num_negatives={args.negatives}",
-        f"objective.temperature={args.temperature}", "objective.query_max_length=64",
-        f"objective.document_max_length={args.doc_max_length}",
-        f"objective.negatives={'in_batch' if args.in_batch else 'hard'}",
-        "objective.matryoshka_dims=[]", "objective.distill_weight=0",
-        f"checkpoint.storage_path={out / 'runs'}", "checkpoint.name=finetune_scifact",
-        "checkpoint.every_steps=100000", "checkpoint.num_to_keep=1",
-        "scaling.num_workers=1", f"scaling.cpus_per_worker={args.cpus}",
-    ]
-    cfg = load_config(FinetuneJobConfig, "jobs/configs/finetune/debug.yaml", overrides)
-    t = time.time()
-    if args.trainer == "ray":
-        summary = fit(cfg, cfg.objective, prepare_for_training(cfg, cfg.objective))
-    else:
-        summary = train_in_process(cfg, out / "inprocess")
+    summary = finetune(cfg, args.trainer, out)
     timings["finetune_s"] = round(time.time() - t, 1)
     t = time.time()
     tuned = Encoder.from_pretrained(summary["checkpoint"], device="cpu")
-    doc_emb = tuned.encode_dense(test.doc_texts(), kind="document", batch_size=64)
-    after = dense_ndcg(tuned, test, doc_emb)
-    dev_after = dense_ndcg(tuned, dev, doc_emb) if args.dev else None
+    result = {"recipe": args.recipe, "before_ndcg@10": round(before, 4)}
+    if args.recipe == "m3":
+        heads, dev_heads = eval_heads(tuned, test, args.hybrid_weights), None
+        if args.dev:
+            dev_heads = eval_heads(tuned, dev, args.hybrid_weights)
+        after, dev_after = heads["dense"], dev_heads["dense"] if dev_heads else None
+        result["after_heads"] = heads
+        result["dev_after_heads"] = dev_heads
+        result["hybrid_weights"] = args.hybrid_weights
+    else:
+        doc_emb = tuned.encode_dense(test.doc_texts(), kind="document", batch_size=64)
+        after = dense_ndcg(tuned, test, doc_emb)
+        dev_after = dense_ndcg(tuned, dev, doc_emb) if args.dev else None
+        for dim in args.eval_dims:
+            result[f"after_ndcg@10_dim{dim}"] = round(dense_ndcg(tuned, test, doc_emb, dim), 4)
+            if args.dev:
+                result[f"dev_after_ndcg@10_dim{dim}"] = round(dense_ndcg(tuned, dev, doc_emb, dim), 4)
     timings["eval_after_s"] = round(time.time() - t, 1)
-    print(f"after:  finetuned minilm SciFact test nDCG@10 = {after:.4f} "
+    print(f"after:  finetuned minilm ({args.recipe}) SciFact test nDCG@10 = {after:.4f} "
           f"({after - before:+.4f}, {after / before - 1:+.1%})"
           + (f"  (train-dev {dev_after:.4f})" if args.dev else ""), flush=True)
-    result = {"before_ndcg@10": round(before, 4), "after_ndcg@10": round(after, 4),
-              "gain": round(after - before, 4), "dev_before_ndcg@10": dev_before,
-              "dev_after_ndcg@10": dev_after, "mined": mined, "steps": summary["plan"]["total_steps"],
-              "final_train_metrics": summary["metrics"], "checkpoint": str(summary["checkpoint"]),
-              "args": vars(args), "timings": timings, "seconds": round(time.time() - start, 1)}
+    result.update({"after_ndcg@10": round(after, 4), "gain": round(after - before, 4),
+                   "dev_before_ndcg@10": dev_before, "dev_after_ndcg@10": dev_after, "mined": mined,
+                   "steps": summary["plan"]["total_steps"], "final_train_metrics": summary["metrics"],
+                   "checkpoint": str(summary["checkpoint"]), "args": vars(args), "timings": timings,
+                   "seconds": round(time.time() - start, 1)})
     print(json.dumps(result, default=str))
     return result
+
+
+def eval_heads(encoder: Encoder, data, weights: list[float]) -> dict[str, float]:
+    """nDCG@10 of each M3 head alone and of the hybrid with `weights` (raylib.evaluation)."""
+    from raylib.evaluation import evaluate_encoder
+
+    res = evaluate_encoder(encoder, data, ["dense", "sparse", "multivector", "hybrid"],
+                           metrics=["ndcg@10"], weights=weights)
+    return {k: round(v["ndcg@10"], 4) for k, v in res.items()}
+
+
+def finetune_config(args, mined_path: Path, out: Path):
+    """The finetune job's config (jobs/configs/finetune/debug.yaml + the recipe's overrides)."""
+    from raylib.config import load_config
+    from raylib.jobs.finetune import FinetuneJobConfig
+
+    m3 = args.recipe == "m3"
+    dims = "[" + ",".join(str(d) for d in args.matryoshka_dims) + "]"
+    overrides = [
+        "model.name_or_path=minilm", "model.tiny={}", f"model.m3_heads={str(m3).lower()}",
+        f"model.matryoshka_dims={dims}",
+        f"data.paths=[{mined_path}]", f"data.global_batch_size={args.batch}",
+        f"data.epochs={args.epochs}", f"data.seed={args.seed}",
+        f"train.lr={args.lr}", "train.warmup=0", f"train.decay={args.decay}", f"train.max_steps={args.steps}",
+        "train.weight_decay=0.01", "train.log_every=5", f"train.seed={args.seed}",
+        f"objective.mode={'m3' if m3 else 'dense'}", f"objective.num_negatives={args.negatives}",
+        f"objective.temperature={args.temperature}", "objective.query_max_length=64",
+        f"objective.document_max_length={args.doc_max_length}",
+        f"objective.negatives={'in_batch' if args.in_batch else 'hard'}",
+        f"objective.matryoshka_dims={dims}", f"objective.distill_weight={args.distill_weight}",
+        f"objective.teacher_temperature={args.teacher_temperature}",
+        f"objective.m3.warmup_steps={args.m3_warmup_steps}",
+        f"checkpoint.storage_path={out / 'runs'}", f"checkpoint.name=finetune_scifact_{args.recipe}",
+        "checkpoint.every_steps=100000", "checkpoint.num_to_keep=1",
+        "scaling.num_workers=1", f"scaling.cpus_per_worker={args.cpus}",
+    ]
+    return load_config(FinetuneJobConfig, "jobs/configs/finetune/debug.yaml", overrides)
+
+
+def finetune(cfg, trainer: str, out: Path) -> dict:
+    """jobs/finetune.py's Ray Train loop, or its step in this process (same batches, no Ray)."""
+    if trainer == "ray":
+        from raylib.jobs.prepare import prepare_for_training
+        from raylib.ray_train.loop import fit
+
+        return fit(cfg, cfg.objective, prepare_for_training(cfg, cfg.objective), "finetune")
+    return train_in_process(cfg, out / f"inprocess_{cfg.checkpoint.name}")
 
 
 if __name__ == "__main__":

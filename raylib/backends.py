@@ -174,11 +174,11 @@ class TorchEncoder(BaseEncoder):
         return self.model.tokenize(texts, kind, max_length, padding=padding)
 
     def encode_features(self, input_ids, dense=True, sparse=False, multivector=False, dim=None,
-                        batch_size=64, show_progress=False, desc="encode"):
+                        batch_size=64, show_progress=False, desc="encode", mcls=None):
         return self.model.encode_features(input_ids, dense=dense, sparse=sparse,
                                           multivector=multivector, dim=dim,
                                           batch_size=batch_size, show_progress=show_progress,
-                                          desc=desc)
+                                          desc=desc, mcls=mcls)
 
     def encode(self, texts, kind="document", dense=True, sparse=False, multivector=False,
                dim=None, batch_size=64, max_length=None, show_progress=False):

@@ -52,11 +52,12 @@ def evaluate_encoder(encoder: Encoder, data: BeirData, modes: Sequence[str] = ("
                      dims: Sequence[int] = (), quantization: Sequence[str] = ("none",),
                      metrics: Sequence[str] = ("ndcg@10", "recall@100", "mrr@10"), k: int = 100,
                      batch_size: int = 64, weights: Sequence[float] = DEFAULT_WEIGHTS,
-                     show_progress: bool = False) -> dict[str, dict[str, float]]:
+                     show_progress: bool = False, mcls: int | None = None) -> dict[str, dict[str, float]]:
     """Results keyed `dense`, `dense@128`, `dense/int8`, `dense@128/binary`, `sparse`, ...
 
     Dense runs use exact FAISS search; sparse, multi-vector and hybrid score every document
-    (fine for BEIR-sized corpora, which is what this evaluates). Empty or whitespace-only
+    (fine for BEIR-sized corpora, which is what this evaluates). `mcls=N` encodes queries and
+    documents with MCLS (M3 App. B.2, Encoder.encode; dense modes only). Empty or whitespace-only
     queries and documents are encoded like any other text (`encode_all`); `data.empty_counts()`
     says how many there were.
     """
@@ -68,6 +69,10 @@ def evaluate_encoder(encoder: Encoder, data: BeirData, modes: Sequence[str] = ("
     qids, dids = list(data.queries), data.doc_ids()
     kw = dict(dense=True, sparse=need_sparse, multivector=need_multi, batch_size=batch_size,
               show_progress=show_progress)
+    if mcls:
+        if need_sparse or need_multi:
+            raise ValueError("mcls applies to the dense head only: evaluate modes=[dense] with it")
+        kw["mcls"] = mcls
     q = encode_all(encoder, [data.queries[i] for i in qids], "query", **kw)
     d = encode_all(encoder, data.doc_texts(), "document", **kw)
     return evaluate_encoded(q, d, qids, dids, data.qrels, modes, dims, quantization, metrics, k, weights)

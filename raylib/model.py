@@ -379,26 +379,28 @@ class Encoder(nn.Module):
     def encode(self, texts: str | Sequence[str], kind: Kind = "document", dense: bool = True,
                sparse: bool = False, multivector: bool = False, dim: int | None = None,
                batch_size: int = 64, max_length: int | None = None,
-               show_progress: bool = False) -> dict[str, Any]:
+               show_progress: bool = False, mcls: int | None = None) -> dict[str, Any]:
         """Encode texts for retrieval; sorts by length to batch, no grad, bf16 autocast on GPU.
 
         Returns a dict with the requested keys:
           dense:       float32 [n, d] L2-normalized (truncated to `dim` and renormalized if set)
           sparse:      list of {token_id: weight}, max weight per distinct non-special token
           multivector: list of float32 [len_i, d'] arrays (tokens after CLS)
+        `mcls=N`: dense = mean of the last hidden states of a CLS inserted every N tokens (M3 App.
+        B.2, raylib.mcls; N = 256 in the paper), dense head only.
         """
         if isinstance(texts, str):
             texts = [texts]
         texts = check_texts(texts)
         tokens = self.tokenize(texts, kind, max_length, padding=False)
         return self.encode_features(tokens["input_ids"], dense, sparse, multivector, dim, batch_size,
-                                    show_progress, desc=f"encode ({kind})")
+                                    show_progress, desc=f"encode ({kind})", mcls=mcls)
 
     @torch.no_grad()
     def encode_features(self, input_ids: Sequence[Sequence[int]], dense: bool = True,
                         sparse: bool = False, multivector: bool = False, dim: int | None = None,
                         batch_size: int = 64, show_progress: bool = False,
-                        desc: str = "encode") -> dict[str, Any]:
+                        desc: str = "encode", mcls: int | None = None) -> dict[str, Any]:
         """Encode already tokenized texts (unpadded id rows, prefixes and truncation applied, as
         `tokenize(..., padding=False)` gives): the model half of `encode`, same outputs.
 
@@ -410,6 +412,9 @@ class Encoder(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(input_ids) == 0:
             raise ValueError("input_ids is empty: nothing to encode")
+        cls_flags = None
+        if mcls:  # M3 App. B.2: CLS every `mcls` tokens, within the model's max_length
+            input_ids, cls_flags = self.mcls_rows(input_ids, mcls, dense, sparse, multivector)
         was_training = self.training
         self.eval()
         order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
@@ -427,7 +432,12 @@ class Encoder(nn.Module):
                                 self.tokenizer.pad_token_id, self.tokenizer.padding_side)
             ids, mask = ids.to(device), mask.to(device)
             with autocast_for(device):
-                out = self(ids, mask, dense=dense, sparse=sparse, multivector=multivector)
+                if cls_flags is not None:
+                    flags = pad_ids([cls_flags[i] for i in order[start:start + batch_size]], 0,
+                                    self.tokenizer.padding_side)[0].to(device)
+                    out = {"dense": self.mcls_dense(ids, mask, flags)}
+                else:
+                    out = self(ids, mask, dense=dense, sparse=sparse, multivector=multivector)
             if dense:
                 dense_out.append(out["dense"].float().cpu().numpy())
             if sparse:
@@ -439,6 +449,26 @@ class Encoder(nn.Module):
         self.train(was_training)
         return unsort_outputs(order, dense_out if dense else None, sparse_out if sparse else None,
                               multi_out if multivector else None, dim)
+
+    def mcls_rows(self, input_ids: Sequence[Sequence[int]], every: int, dense: bool = True,
+                  sparse: bool = False, multivector: bool = False) -> tuple[list, list]:
+        """Token id rows with MCLS's inserted CLS tokens and their CLS flags (raylib.mcls)."""
+        from raylib.mcls import insert_cls
+
+        if not dense or sparse or multivector:
+            raise ValueError("mcls applies to the dense head only: ask for dense alone")
+        rows = [insert_cls(r, self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, every,
+                           self.settings.max_length) for r in input_ids]
+        return [r for r, _ in rows], [f for _, f in rows]
+
+    def mcls_dense(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   cls_flags: torch.Tensor) -> torch.Tensor:
+        """[B, H] mean of the CLS positions' last hidden states, normalized if configured."""
+        from raylib.mcls import mcls_pool
+
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = mcls_pool(hidden, cls_flags)
+        return F.normalize(pooled, dim=-1) if self.settings.normalize else pooled
 
     def encode_dense(self, texts: str | Sequence[str], kind: Kind = "document", **kwargs: Any) -> np.ndarray:
         """Shorthand for encode(...)["dense"]."""

@@ -105,11 +105,14 @@ def train_flops_per_token(encoder: Encoder, t: TrainSection, activation_checkpoi
 
 def training_step(model: Any, encoder: Encoder, objective: Any, rows: dict[str, list],
                   optimizer: torch.optim.Optimizer, scheduler: Any, t: TrainSection, device: torch.device,
-                  distributed: bool = False) -> tuple[dict[str, float], int]:
+                  distributed: bool = False, step: int | None = None) -> tuple[dict[str, float], int]:
     """One optimizer step on this worker's rows; returns (metrics of this rank, local tokens).
 
-    `model` is what the objective calls (DDP-wrapped when distributed), `encoder` the bare Encoder.
+    `model` is what the objective calls (DDP-wrapped when distributed), `encoder` the bare Encoder;
+    `step` (0-based) goes to the objective's optional `begin_step` (M3 warm-up).
     """
+    if step is not None and hasattr(objective, "begin_step"):
+        objective.begin_step(step)
     features = objective.features(encoder, rows)
     features = {s: {k: v.to(device) for k, v in f.items()} for s, f in features.items()}
     if getattr(objective, "pad_across_workers", False) or t.grad_cache_chunk:

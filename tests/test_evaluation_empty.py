@@ -57,6 +57,23 @@ def test_empty_texts_are_counted_and_evaluated(model_dir, tmp_path):
         assert all(np.isfinite(v) and 0 <= v <= 1 for v in values.values())
 
 
+def test_evaluate_with_mcls_encodes_both_sides_with_it(model_dir, tmp_path):
+    from raylib.jobs.evaluate import EvaluateConfig
+
+    data = load_beir(write_beir(tmp_path / "beir"))
+    enc = Encoder.from_pretrained(model_dir, device="cpu")
+    got = encode_all(enc, data.doc_texts(), "document", mcls=2)["dense"]
+    full = [i for i, t in enumerate(data.doc_texts()) if t.strip()]
+    np.testing.assert_allclose(got[full], enc.encode([data.doc_texts()[i] for i in full], mcls=2)["dense"],
+                               atol=1e-6)
+    results = evaluate_encoder(enc, data, modes=("dense",), dims=(16,), k=10, mcls=2)
+    assert set(results) == {"dense", "dense@16"}
+    with pytest.raises(ValueError, match="dense head only"):
+        evaluate_encoder(enc, data, modes=("dense", "sparse"), mcls=2)
+    with pytest.raises(ValueError, match="mcls"):
+        EvaluateConfig(model=str(model_dir), data="x", mcls=4, backend="onnx")
+
+
 def test_encode_all_matches_encode_and_sentence_transformers(model_dir):
     from sentence_transformers import SentenceTransformer
 

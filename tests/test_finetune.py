@@ -77,7 +77,7 @@ def _train(encoder, objective, rows, steps, batch, lr, seed=0):
     for step in range(steps):
         idx = order.sample(range(n), batch)
         metrics, _ = training_step(encoder, encoder, objective, {k: [v[i] for i in idx] for k, v in rows.items()},
-                                   opt, sched, t, torch.device("cpu"))
+                                   opt, sched, t, torch.device("cpu"), step=step)
         history.append(metrics)
     encoder.eval()
     return history
@@ -108,7 +108,8 @@ def m3_trained(tmp_path_factory):
     encoder = tiny_encoder(arch="xlm-roberta", hidden_size=32, num_layers=1, m3_heads=True, seed=0,
                            pooling="mean")
     objective = FinetuneObjective(mode="m3", num_negatives=3, temperature=0.05, query_max_length=8,
-                                  document_max_length=12, negatives="in_batch", matryoshka_dims=[16])
+                                  document_max_length=12, negatives="in_batch", matryoshka_dims=[16],
+                                  m3=M3Weights(warmup_steps=30))  # --recipe m3: warm-up, then self-KD
     before = _retrieval(encoder, _synthetic(60, 99))
     history = _train(encoder, objective, _synthetic(400, 1), steps=200, batch=16, lr=2e-3)
     after = _retrieval(encoder, _synthetic(60, 99))
@@ -118,8 +119,8 @@ def m3_trained(tmp_path_factory):
 
 def test_m3_heads_learn_and_hybrid_is_at_least_the_best_head(m3_trained):
     _, _, before, after, history = m3_trained
-    assert {"loss_dense", "loss_lex", "loss_mul", "loss_inter", "self_distill_dense",
-            "loss_dense@16"} <= set(history[0])
+    assert {"loss_dense", "loss_lex", "loss_mul", "loss_inter", "loss_dense@16"} <= set(history[0])
+    assert "self_distill_dense" in history[30] and "self_distill_dense" not in history[29]
     first = np.mean([h["loss"] for h in history[:10]])
     last = np.mean([h["loss"] for h in history[-10:]])
     assert last < 0.7 * first, (first, last)
@@ -160,6 +161,27 @@ def test_flagembedding_loads_our_finetuned_m3_model(m3_trained):
     for key, ref_key in [("dense", "dense"), ("sparse", "sparse"), ("multivector", "colbert"),
                          ("hybrid", "colbert+sparse+dense")]:
         np.testing.assert_allclose(mine[key], theirs[ref_key], atol=1e-5, err_msg=key)
+
+
+def test_m3_warmup_phase_in_the_training_step():
+    """The loop's step reaches the objective (begin_step): no self-distillation for the first
+    m3.warmup_steps optimizer steps, unified self-KD after; the first steps' loss is L alone."""
+    encoder = tiny_encoder(hidden_size=16, num_layers=1, m3_heads=True, seed=2)
+    objective = FinetuneObjective(mode="m3", num_negatives=2, temperature=0.1, query_max_length=8,
+                                  document_max_length=12, negatives="hard",
+                                  m3=M3Weights(warmup_steps=2))
+    rows = _synthetic(4, 3, num_negatives=2)
+    t = TrainSection(lr=0.0, warmup=0, decay=0)
+    opt = build_optimizer(encoder, t)
+    sched = wsd_scheduler(opt, 4, 0, 0)
+    flags = [training_step(encoder, encoder, objective, rows, opt, sched, t, torch.device("cpu"),
+                           step=s)[0] for s in range(4)]
+    assert [m["self_distill"] for m in flags] == [0.0, 0.0, 1.0, 1.0]
+    parts = ("loss_dense", "loss_lex", "loss_mul", "loss_inter")
+    lam = {"loss_dense": 1.0, "loss_lex": 0.1, "loss_mul": 1.0, "loss_inter": 1.0}
+    for m in flags[:2]:  # lr 0: the same model every step; warm-up loss = L of M3 eq. 1
+        assert m["loss"] == pytest.approx(sum(lam[k] * m[k] for k in parts) / 4, rel=1e-5)
+    assert flags[2]["loss"] != pytest.approx(flags[1]["loss"], rel=1e-4)
 
 
 def test_dense_finetuning_with_teacher_distillation_learns():

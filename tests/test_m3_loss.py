@@ -187,3 +187,23 @@ def test_length_grouping_same_bucket_on_every_rank():
     assert all(s.size == buckets[s.bucket].batch_size for s in dropped.steps)
     with pytest.raises(ValueError, match="split"):
         length_grouped_schedule(lengths, [LengthBucket(100, 3)], world_size=2)
+
+
+def test_m3_warmup_switches_self_distillation_on_at_the_step_boundary():
+    """M3 App. B.1: steps 0..warmup_steps-1 train L alone (per-head + s_inter InfoNCE), from
+    warmup_steps on (L + L') / 2; step None means after the warm-up."""
+    gen = torch.Generator().manual_seed(4)
+    q, d = _side(B, 6, gen), _side(B * G, 9, gen)
+    warm = M3Weights(warmup_steps=3)
+    plain = m3_loss(q, d, G, 0.5, weights=M3Weights(self_distill=False))[0]
+    unified = m3_loss(q, d, G, 0.5, weights=M3Weights())[0]
+    assert abs(float(plain) - float(unified)) > 1e-4  # the two phases differ on this batch
+    for step in range(6):
+        loss, parts, _ = m3_loss(q, d, G, 0.5, weights=warm, step=step)
+        want = plain if step < 3 else unified
+        assert float(loss) == pytest.approx(float(want), abs=1e-7), step
+        assert ("self_distill_dense" in parts) == (step >= 3)
+    assert float(m3_loss(q, d, G, 0.5, weights=warm)[0]) == pytest.approx(float(unified), abs=1e-7)
+    assert not M3Weights(self_distill=False, warmup_steps=2).self_distill_at(5)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        M3Weights(warmup_steps=-1)

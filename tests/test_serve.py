@@ -202,6 +202,14 @@ def test_encode_sparse_multivector_and_quantization(client, reference, backend):
     r = client.post("/encode", json={"texts": texts, "quantization": "int8",
                                      "int8_range": [-0.5, 0.5]})
     assert r.status_code == 200 and r.json()["int8_range"][0][0] == -0.5
+    r = client.post("/encode", json={"texts": texts, "mcls": 2})  # MCLS (M3 App. B.2)
+    if backend == "torch":
+        assert r.status_code == 200, r.text
+        want_mcls = reference.encode(texts, kind="document", mcls=2)["dense"]
+        np.testing.assert_allclose([row["dense"] for row in r.json()["data"]], want_mcls, atol=atol)
+        assert np.abs(want_mcls - reference.encode(texts, kind="document")["dense"]).max() > 1e-3
+    else:  # the ONNX graphs give pooled vectors only
+        _assert_error(r, 400, "mcls")
 
 
 # ----------------------------------------------------------------------------- /rerank
@@ -272,6 +280,8 @@ def test_rerank_without_m3_heads_fuses_dense_only(server):
     ("/encode", {"texts": ["a"], "quantization": "int8", "int8_range": [[0, 1], 0]}, 400,
      "int8_range"),
     ("/encode", {"texts": ["a"], "typo": 1}, 400, "typo"),
+    ("/encode", {"texts": ["a"], "mcls": 0}, 400, "mcls"),
+    ("/encode", {"texts": ["a"], "mcls": 256, "sparse": True}, 400, "mcls"),
     ("/rerank", {"query": "q", "documents": []}, 400, "documents"),
     ("/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 400, "top_n"),
     ("/rerank", {"query": "", "documents": ["a"]}, 400, "query.0"),

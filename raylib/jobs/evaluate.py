@@ -3,6 +3,7 @@
   python jobs/evaluate.py --config jobs/configs/evaluate/debug.yaml
   python jobs/evaluate.py --model minilm --data ../shared/data/scifact --split test \
       [--set modes=dense,sparse,multivector,hybrid] [--set dims=384,128] [--set quantization=none,int8,binary]
+      [--set mcls=256]   (MCLS, M3 App. B.2: dense only, torch backend)
 
 `--model`, `--data`, `--split` and `--output` are shortcuts for `--set model=...` etc.; `--config` is
 optional here. Result keys: `dense`, `dense@<dim>` (Matryoshka-truncated), `<key>/int8` and
@@ -37,12 +38,16 @@ class EvaluateConfig:
     quantization: list[str] = field(default_factory=lambda: ["none"])  # none, int8, binary
     batch_size: int = 64
     backend: str = "torch"           # torch, onnx (fp32) or onnx-int8 (raylib.backends)
+    mcls: int = 0                    # M3 App. B.2 MCLS: a CLS every N tokens (paper: 256); 0 = off
     output: str = ""                 # local dir or s3:// (default runs/evaluate/<data>-<split>-<model>)
 
     def __post_init__(self) -> None:
         for name in ("model", "data"):
             if not getattr(self, name):
                 raise ValueError(f"{name} is required (--{name} or --set {name}=...)")
+        if self.mcls < 0 or (self.mcls and self.backend != "torch"):
+            raise ValueError(f"mcls must be 0 (off) or N >= 1 tokens per CLS with backend=torch, "
+                             f"got mcls={self.mcls}, backend={self.backend}")
         if not self.output:
             model = ModelSpec.of(self.model).name_or_path
             names = [Path(self.data.rstrip("/")).name, self.split, Path(str(model).rstrip("/")).name]
@@ -71,7 +76,7 @@ def run(cfg: EvaluateConfig) -> dict:
     data = _load_data(cfg.data, cfg.split)
     print(f"[evaluate] {len(data.queries)} queries, {len(data.corpus)} documents", file=sys.stderr)
     results = evaluate_encoder(encoder, data, cfg.modes, cfg.dims, cfg.quantization,
-                               batch_size=cfg.batch_size, show_progress=True)
+                               batch_size=cfg.batch_size, show_progress=True, mcls=cfg.mcls or None)
     summary = {"model": str(cfg.model), "data": str(cfg.data), "split": cfg.split,
                "num_queries": len(data.queries), "num_documents": len(data.corpus),
                "empty_texts": data.empty_counts(), "results": results, "seconds": round(time.time() - start, 1), "config": asdict(cfg)}

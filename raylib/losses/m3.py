@@ -15,6 +15,12 @@ with use_self_distill, `loss += (dense_self_distill_loss + 0.1 * sparse_self_dis
 colbert_self_distill_loss) / 3; loss = loss / 2` against `softmax(ensemble_scores.detach())`
 (lambda = 1, 0.1, 1). Every score is divided by the one temperature before the softmax, as there.
 
+Warm-up (M3 App. B.1: "approximately 6000 steps to perform warm-up on dense embedding, sparse
+embedding and multi-vectors. Subsequently, we conducted unified training with self-knowledge
+distillation"): for the first `warmup_steps` optimizer steps L_final = L (the per-head and
+s_inter InfoNCE losses, no L'), then (L + L') / 2. FlagEmbedding's `self_distill_start_step`
+(self-KD when its 0-based step > start) is warmup_steps - 1.
+
 Scores are computed per query against its candidates: its own group (positive + hard negatives)
 or, with in-batch negatives, every document given (the local batch or all workers' after a
 gather), for all three heads alike. Pure functions of the heads' outputs; no process group.
@@ -41,6 +47,15 @@ class M3Weights:
     lambda_lex: float = 0.1
     lambda_mul: float = 1.0
     self_distill: bool = True   # M3 §3.3 trains with L' (FlagEmbedding: --use_self_distill)
+    warmup_steps: int = 0       # M3 App. B.1: steps without L' before unified self-KD (paper: ~6000)
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"m3.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def self_distill_at(self, step: int) -> bool:
+        """Whether 0-based optimizer step `step` trains with L' (after the warm-up phase)."""
+        return self.self_distill and step >= self.warmup_steps
 
 
 # ---------------------------------------------------------------------------- candidates
@@ -105,10 +120,13 @@ def multivector_scores(q_vecs: torch.Tensor, q_mask: torch.Tensor, cand_vecs: to
 # ---------------------------------------------------------------------------- the loss
 def m3_self_distill_loss(s_dense: torch.Tensor, s_lex: torch.Tensor, s_mul: torch.Tensor,
                          targets: torch.Tensor, temperature: float = 0.02,
-                         weights: M3Weights | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         weights: M3Weights | None = None,
+                         step: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_final of the module docstring from the three heads' scores [B, C] and the positive's
-    column per query, targets [B]. Returns (loss, parts) with parts detached for logging."""
+    column per query, targets [B]; `step` (0-based, None = after any warm-up) decides whether
+    L' is on. Returns (loss, parts) with parts detached for logging."""
     w = weights or M3Weights()
+    self_distill = w.self_distill if step is None else w.self_distill_at(step)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not s_dense.shape == s_lex.shape == s_mul.shape:
@@ -122,7 +140,7 @@ def m3_self_distill_loss(s_dense: torch.Tensor, s_lex: torch.Tensor, s_mul: torc
     ce["inter"] = F.cross_entropy(inter, targets)
     loss = (sum(lam[k] * ce[k] for k in lam) + ce["inter"]) / 4
     parts = {f"loss_{k}": v.detach() for k, v in ce.items()}
-    if w.self_distill:
+    if self_distill:
         p_inter = F.softmax(inter.detach(), dim=-1)  # the teacher: softmax(s_inter) [B, C]
         kd = {k: -(p_inter * F.log_softmax(v, dim=-1)).sum(-1).mean() for k, v in logits.items()}
         loss_prime = sum(lam[k] * kd[k] for k in lam) / 3
@@ -148,10 +166,11 @@ def m3_head_scores(q: dict[str, torch.Tensor], d: dict[str, torch.Tensor], group
 
 def m3_loss(q: dict[str, torch.Tensor], d: dict[str, torch.Tensor], group_size: int,
             temperature: float = 0.02, in_batch: bool = False, offset: int = 0,
-            weights: M3Weights | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+            weights: M3Weights | None = None,
+            step: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
     """Scores of the three heads + m3_self_distill_loss. Returns (loss, parts, scores)."""
     scores = m3_head_scores(q, d, group_size, in_batch, offset)
     targets = group_targets(q["dense"].shape[0], group_size, offset, in_batch, q["dense"].device)
     loss, parts = m3_self_distill_loss(scores["dense"], scores["lex"], scores["mul"], targets,
-                                       temperature, weights)
+                                       temperature, weights, step)
     return loss, parts, scores

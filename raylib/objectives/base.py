@@ -48,6 +48,8 @@ class Objective(Protocol):
       length over all workers, so gathered per-token reps (multi-vector) line up.
     - `find_unused_parameters: bool` (default: the model has M3 heads): DDP's flag, for an objective
       that leaves some heads of the model unused.
+    - `begin_step(step)`: called with the 0-based optimizer step about to run, before `features`
+      (the M3 warm-up turns self-distillation on by it).
     """
 
     query_max_length: int

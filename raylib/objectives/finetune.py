@@ -113,6 +113,10 @@ class FinetuneObjective:
     m3: M3Weights = field(default_factory=M3Weights)
     pad_across_workers: bool = False   # set by __post_init__ when per-token reps are gathered
 
+    def begin_step(self, step: int) -> None:
+        """The loop's 0-based optimizer step about to run (M3 warm-up switches self-KD on by it)."""
+        self._step = step
+
     def __post_init__(self) -> None:
         if self.mode not in ("dense", "m3"):
             raise ValueError(f"mode must be dense or m3, got {self.mode!r}")
@@ -127,6 +131,7 @@ class FinetuneObjective:
         if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka_dims):
             raise ValueError(f"{len(self.matryoshka_dims)} matryoshka_dims but "
                              f"{len(self.matryoshka_weights)} matryoshka_weights")
+        self._step: int | None = None  # not a config key: the loop's step (begin_step)
         if self.mode == "m3" and self.negatives == "cross_worker":
             self.pad_across_workers = True  # sparse [b, L] and multi-vector [b, L-1, H] are gathered
 
@@ -188,8 +193,9 @@ class FinetuneObjective:
             scores = m3_head_scores(qm, dm, g, in_batch, offset)
             targets = group_targets(b, g, offset, in_batch, q_dense.device)
             total, parts = m3_self_distill_loss(scores["dense"], scores["lex"], scores["mul"], targets,
-                                                self.temperature, self.m3)
+                                                self.temperature, self.m3, self._step)
             metrics.update({k: float(v) for k, v in parts.items()})
+            metrics["self_distill"] = float("self_distill_dense" in parts)
             for dim, w in zip(self.matryoshka_dims, self.matryoshka_weights or [1.0] * len(self.matryoshka_dims)):
                 _, extra = matryoshka_loss(dense_pair_loss, [q_dense, d_dense], [dim])
                 total = total + w * extra[dim]

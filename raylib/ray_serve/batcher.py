@@ -94,7 +94,7 @@ class Batcher:
         groups: dict[tuple, list[int]] = collections.defaultdict(list)
         for i, item in enumerate(items):
             key = (item["kind"], bool(item.get("dense", True)), bool(item.get("sparse")),
-                   bool(item.get("multivector")))
+                   bool(item.get("multivector")), item.get("mcls"))
             groups[key].append(i)
         for key, members in groups.items():
             try:
@@ -117,10 +117,11 @@ class Batcher:
         """Tokenize once (ids and token counts from the same pass), one forward, split per call."""
         from raylib.model import truncate_dims
 
-        kind, dense, sparse, multi = key
+        kind, dense, sparse, multi, mcls = key
         texts = [t for item in items for t in item["texts"]]
         ids = self.model.tokenize(texts, kind, self.max_length, padding=False)["input_ids"]
-        out = self.model.encode_features(ids, dense, sparse, multi, batch_size=len(ids))
+        extra = {"mcls": mcls} if mcls else {}  # MCLS: torch backend only (checked by the ingress)
+        out = self.model.encode_features(ids, dense, sparse, multi, batch_size=len(ids), **extra)
         if dense and not np.isfinite(out["dense"]).all():
             raise FloatingPointError("the model produced non-finite values")
         if multi and not all(np.isfinite(m).all() for m in out["multivector"]):

@@ -134,11 +134,12 @@ class Ingress:
         return dimensions if dimensions < dim else None
 
     async def encode(self, texts: list[str], kind: str, dense: bool = True, sparse: bool = False,
-                     multivector: bool = False, dim: Optional[int] = None) -> dict:
+                     multivector: bool = False, dim: Optional[int] = None,
+                     mcls: Optional[int] = None) -> dict:
         """Split into max_batch_size chunks (the batcher batches them with other requests' calls), encode, merge."""
         step = self.args.max_batch_size
         flags = {"kind": kind, "dense": dense, "sparse": sparse, "multivector": multivector,
-                 "dim": dim}
+                 "dim": dim, "mcls": mcls}
         outs = await asyncio.gather(*[
             self._call(lambda s=s: self.encoder.encode.remote({"texts": texts[s:s + step], **flags}))
             for s in range(0, len(texts), step)])
@@ -204,6 +205,9 @@ class Ingress:
                            "quantization")
         if body.int8_range is not None and body.quantization != "int8":
             raise APIError(400, "int8_range needs quantization='int8'.", "int8_range")
+        if body.mcls and (body.sparse or body.multivector or info.get("backend") != "torch"):
+            raise APIError(400, "mcls gives dense vectors only, on the torch backend: set "
+                                "sparse=false, multivector=false.", "mcls")
         dim = await self.check_dimensions(body.dimensions)
         out_dim = dim or info["dim"]
         calibration = None
@@ -221,7 +225,8 @@ class Ingress:
                 raise APIError(400, "int8_range needs hi - lo >= 1e-6 in every dimension.",
                                "int8_range")
             calibration = Int8Calibration(lo_a.copy(), ((hi_a - lo_a) / 255.0).astype(np.float32))
-        out = await self.encode(texts, body.kind, body.dense, body.sparse, body.multivector, dim)
+        out = await self.encode(texts, body.kind, body.dense, body.sparse, body.multivector, dim,
+                                body.mcls)
         result: dict[str, Any] = {"object": "list", "model": self.model_name, "kind": body.kind}
         data = [{"index": i} for i in range(len(texts))]
         if body.dense:

@@ -41,6 +41,8 @@ class EncodeRequest(BaseModel):
     multivector: bool = False
     dimensions: Optional[int] = Field(None, ge=-2**31, le=2**31)
     quantization: Optional[Literal["int8", "binary"]] = None
+    # MCLS (M3 App. B.2): dense = mean of a CLS inserted every N tokens (paper: 256); torch backend
+    mcls: Optional[int] = Field(None, ge=1, le=2**31)
     # int8 calibration: scalar or per-dimension [lo, hi]; default [-1, 1] (normalized vectors)
     int8_range: Optional[tuple[Union[Bound, list[Bound]], Union[Bound, list[Bound]]]] = None
 

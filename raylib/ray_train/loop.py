@@ -111,7 +111,7 @@ def train_worker(config: dict) -> None:
                 raise RuntimeError(f"injected worker failure at step {step} (train.fail_at_step)")
         torch.manual_seed(t.seed * 1_000_003 + step * 1009 + rank)  # dropout: a function of (step, rank)
         metrics, tokens = training_step(model, encoder, objective, rows, optimizer, scheduler, t, device,
-                                        distributed=world > 1)
+                                        distributed=world > 1, step=step)
         metrics["data_wait_s"] = waited  # mean over workers below
         metrics = mean_over_workers(metrics, device)
         tokens = sum_over_workers(tokens, device)
