@@ -48,7 +48,7 @@ def server(ray_session, tiny_dir, tmp_path_factory):
                        "backend": backend, "colocate": backend == "torch"}),
                   name=f"embed-{backend}", route_prefix=prefix or "/")
     serve.run(app({"model": str(plain_dir), "served_model_name": "plain", "num_cpus": 0.25,
-                   "max_batch_size": 8, "batch_wait_timeout_s": 0.5, "max_ongoing_requests": 8,
+                   "max_batch_size": 2, "batch_wait_timeout_s": 0.5, "max_ongoing_requests": 2,
                    "max_queued_requests": 2, "retry_after_s": 2, "backend": "onnx", "colocate": False}),
               name="tight", route_prefix="/tight")
     yield {"base": f"http://127.0.0.1:{port}", "plain_dir": plain_dir}
@@ -309,8 +309,9 @@ def test_auth(base):
 
 # ----------------------------------------------------------------------------- capacity
 def test_overload_gets_503_with_retry_after_and_recovers(server):
-    """`tight`: 2 ongoing + 2 queued Encoder calls, and each batch (2 calls x 3 texts < 8) waits
-    0.5 s to fill, so a burst of 48 concurrent requests must overflow; none may hang or 500."""
+    """`tight`: 2 ongoing + 2 queued Batcher calls of at most 2 texts (a request of 3 texts is 2
+    calls), and each batch waits 0.5 s to fill, so a burst of 48 concurrent requests must
+    overflow; none may hang or 500."""
     url = server["base"] + "/tight/v1/embeddings"
     body = {"input": [f"burst text number {i} " * 20 for i in range(3)]}
     with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
