@@ -13,9 +13,15 @@ project's pin, removed), numpy<2-era huggingface_hub and pyarrow<17 (pyarrow 17+
 so it runs from its own venv outside the repository (--infinity-venv, default ../venvs/infinity
 relative to the repository root), made once from the repository root with:
     python3.11 -m venv ../venvs/infinity && ../venvs/infinity/bin/pip install torch==2.13.0 \
-        'infinity-emb[server]==0.0.78' 'transformers<5' 'sentence-transformers<5' 'datasets<4' \
-        'pyarrow<17'
+        'infinity-emb[server,optimum]==0.0.78' 'transformers<5' 'sentence-transformers<5' \
+        'datasets<4' 'pyarrow<17' 'optimum[onnxruntime]'
 If it cannot start, the reason is printed and the rest of the report still comes out.
+The onnx-int8 backend's peer is infinity-emb's ONNX engine (`--engine optimum --pooling-method
+mean`) on the file optimum's own tools make (`optimum-cli export onnx --library-name transformers`,
+then `optimum-cli onnxruntime quantize --<arch>`, arch from this CPU or --optimum-arch; cached
+under runs/bench/infinity-optimum/): column `infinity_optimum`, ratio
+onnx_int8_vs_infinity_optimum_throughput. fidelity_cosine_to_torch: each contender's served
+vectors of --fidelity-texts texts against the in-process torch ones.
 Data: SciFact documents from ../shared/data/scifact relative to the repository (synthetic text
 if absent). Last stdout line: one JSON object; ratios.c<N> holds serve_vs_in_process_throughput,
 serve_vs_infinity_throughput and serve_p50_minus_in_process_ms (torch backend) and
@@ -139,8 +145,9 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
 
 
 def start_infinity(venv: Path, model_dir: str, port: int, batch: int, log: Path, threads: int,
-                   niceness: int):
-    """infinity_emb v2 serving the same model dir on CPU; (process, None) or (None, reason)."""
+                   niceness: int, engine: str = "torch"):
+    """infinity_emb v2 serving the same model dir on CPU; (process, None) or (None, reason).
+    engine "optimum": ONNX Runtime on the `*quantize*.onnx` file in model_dir (optimum_model)."""
     exe = venv / "bin" / "infinity_emb"
     if not exe.exists():
         return None, (f"{exe} not found: create the venv and `pip install 'infinity-emb[server]'` "
@@ -149,8 +156,10 @@ def start_infinity(venv: Path, model_dir: str, port: int, batch: int, log: Path,
     env = dict(os.environ, HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0",
                DO_NOT_TRACK="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [str(exe), "v2", "--model-id", model_dir, "--served-model-name", "minilm",
-           "--port", str(port), "--host", "127.0.0.1", "--engine", "torch", "--device", "cpu",
+           "--port", str(port), "--host", "127.0.0.1", "--engine", engine, "--device", "cpu",
            "--batch-size", str(batch), "--url-prefix", "/v1", "--no-bettertransformer"]
+    if engine == "optimum":  # its ONNX graph ends at the token states: pool as the model does
+        cmd += ["--pooling-method", "mean"]
     out = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                             preexec_fn=lambda: os.nice(niceness))
@@ -212,18 +221,58 @@ def load_test(args, url: str, port: int, texts: list[str]) -> dict:
     return res
 
 
-def start_infinity_for(args, model_dir: str):
+def infinity_venv(args) -> Path:
+    venv = Path(args.infinity_venv)
+    return venv if venv.is_absolute() else ROOT / venv
+
+
+def start_infinity_for(args, model_dir: str, engine: str = "torch"):
     """(process, url) of infinity-emb on the same model dir and threads, or (None, reason)."""
     port = free_port()
     log = Path(tempfile.gettempdir()) / f"infinity_bench_{port}.log"
-    venv = Path(args.infinity_venv)
-    venv = venv if venv.is_absolute() else ROOT / venv
-    proc, why = start_infinity(venv, model_dir, port, args.max_batch_size, log, args.threads,
-                               args.niceness)
+    proc, why = start_infinity(infinity_venv(args), model_dir, port, args.max_batch_size, log,
+                               args.threads, args.niceness, engine)
     if proc is None:
-        print(f"infinity not run: {why}", flush=True)
+        print(f"infinity ({engine}) not run: {why}", flush=True)
         return None, f"not run: {why}"
     return proc, f"http://127.0.0.1:{port}/v1/embeddings"
+
+
+def optimum_arch() -> str:
+    """optimum-cli's quantization target for this CPU: what its exporter users would pick."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
+
+
+def optimum_model(args, model_dir: str) -> str:
+    """The model as infinity-emb's ONNX engine serves it: optimum's exporter (`--library-name
+    transformers`: token states out) then `optimum-cli onnxruntime quantize --<arch>` (dynamic int8
+    of every MatMul), cached under runs/bench/infinity-optimum/<arch>/."""
+    out = ROOT / "runs" / "bench" / "infinity-optimum" / args.optimum_arch
+    cli = str(infinity_venv(args) / "bin" / "optimum-cli")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    if not (out / "quantized" / "model_quantized.onnx").exists():
+        subprocess.run([cli, "export", "onnx", "-m", model_dir, "--library-name", "transformers",
+                        "--task", "feature-extraction", str(out / "fp32")], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run([cli, "onnxruntime", "quantize", "--onnx_model", str(out / "fp32"),
+                        f"--{args.optimum_arch}", "-o", str(out / "quantized")], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+    return str(out / "quantized")
+
+
+def fidelity(url: str, texts: list[str], ref: np.ndarray) -> dict:
+    """Cosine of the served vectors of `texts` to the in-process torch ones (min, mean)."""
+    import httpx
+
+    got = []
+    for text in texts:
+        r = httpx.post(url, json={"input": [text], "model": "minilm"}, timeout=60)
+        r.raise_for_status()
+        got.append(r.json()["data"][0]["embedding"])
+    got = np.asarray(got, np.float32)
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    return {"min": round(float(cos.min()), 4), "mean": round(float(cos.mean()), 4), "n": len(texts)}
 
 
 def ray_worker_niceness() -> int:
@@ -260,6 +309,9 @@ def ratios(report: dict, backends: list[str], concurrency: list[int]) -> dict:
             if isinstance(report.get("infinity"), dict):
                 r["serve_vs_infinity_throughput"] = round(
                     tps / report["infinity"][key]["texts_per_s"], 3)
+            if isinstance(report.get("infinity_optimum"), dict) and "onnx-int8" in served:
+                r["onnx_int8_vs_infinity_optimum_throughput"] = round(
+                    served["onnx-int8"][key]["texts_per_s"] / report["infinity_optimum"][key]["texts_per_s"], 3)
             for b in backends:
                 if b != "torch":
                     r[f"{b}_vs_torch_throughput"] = round(served[b][key]["texts_per_s"] / tps, 3)
@@ -304,11 +356,18 @@ def main() -> None:
                    help="Serve's Python HTTP proxy instead of HAProxy + direct ingress "
                         "(raylib.ray_serve.app.FAST_INGRESS_ENV): the slower path, for comparison")
     p.add_argument("--no-infinity", action="store_true")
+    p.add_argument("--no-infinity-optimum", action="store_true",
+                   help="skip infinity-emb's ONNX engine (the onnx-int8 peer)")
+    p.add_argument("--optimum-arch", default=None, choices=["avx2", "avx512", "avx512_vnni"],
+                   help="optimum-cli quantize target; default: this CPU's")
+    p.add_argument("--fidelity-texts", type=int, default=50,
+                   help="texts whose served vectors are compared with in-process torch")
     p.add_argument("--infinity-venv", default="../venvs/infinity",
                    help="relative paths are taken from the repository root")
     args = p.parse_args()
     args.backends = [b for b in args.backends.split(",") if b]
     args.max_batch_size = args.max_batch_size or config_args()["max_batch_size"]
+    args.optimum_arch = args.optimum_arch or optimum_arch()
 
     from ray import serve
 
@@ -340,6 +399,10 @@ def main() -> None:
     args.niceness = report["server_niceness"] - os.nice(0)
     proc, infinity_url = (None, "skipped (--no-infinity)") if args.no_infinity else \
         start_infinity_for(args, model_dir)
+    proc_opt, optimum_url = (None, "skipped (--no-infinity-optimum)") \
+        if args.no_infinity or args.no_infinity_optimum or "onnx-int8" not in args.backends else \
+        start_infinity_for(args, optimum_model(args, model_dir), engine="optimum")
+    report["optimum_arch"] = args.optimum_arch
     port = free_port()
     start_serve(port=port, fast_ingress=not args.serve_proxy, drain_s=1)
     report["ingress"] = "serve-proxy" if args.serve_proxy else "haproxy-direct"
@@ -348,6 +411,12 @@ def main() -> None:
         contenders = {f"serve/{b}": u for b, u in urls.items()}
         if proc is not None:
             contenders["infinity"] = infinity_url
+        if proc_opt is not None:
+            contenders["infinity_optimum"] = optimum_url
+        reference = encoders["torch"] if "torch" in encoders else load_encoder(model_dir, "torch", device="cpu")
+        ref = reference.encode(texts[:args.fidelity_texts], kind="document", batch_size=1)["dense"]
+        report["fidelity_cosine_to_torch"] = {name: fidelity(url, texts[:args.fidelity_texts], ref)
+                                              for name, url in contenders.items()}
         for url in contenders.values():
             asyncio.run(http_load(url, bodies[:32], 4))  # warm-up
         runs: dict = collections.defaultdict(list)
@@ -368,13 +437,16 @@ def main() -> None:
                                    for c in args.concurrency} for b in urls}
         report["infinity"] = ({f"c{c}": best_round(runs[("infinity", c)])
                                for c in args.concurrency} if proc is not None else infinity_url)
+        report["infinity_optimum"] = ({f"c{c}": best_round(runs[("infinity_optimum", c)])
+                                       for c in args.concurrency} if proc_opt is not None else optimum_url)
         if args.load:
             report["load"] = load_test(args, urls[args.backends[0]], port,
                                        [b["input"][0] for b in bodies])
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+        for p_ in (proc, proc_opt):
+            if p_ is not None:
+                p_.terminate()
+                p_.wait(30)
         serve.shutdown()
         import ray
 
