@@ -248,6 +248,7 @@ def check_train(s: Sizes, work: Path, args) -> dict:
     from raylib.jobs.pretrain import PretrainConfig
     from raylib.objectives import ContrastiveObjective
     from raylib.train_data import synthetic_pairs
+    from raylib.jobs.prepare import prepare_for_training
     from raylib.ray_train.loop import fit
     from raylib.storage import read_text
     from raylib.train_config import CheckpointSection, DataSection, ModelSection, ScalingSection, TrainSection
@@ -264,7 +265,7 @@ def check_train(s: Sizes, work: Path, args) -> dict:
                                      every_steps=10 ** 6),
         scaling=ScalingSection(num_workers=1, use_gpu=gpu, cpus_per_worker=1 if gpu else 0.5),
         loss=ContrastiveObjective(query_max_length=32, document_max_length=s.max_length))
-    summary = fit(cfg, cfg.loss)
+    summary = fit(cfg, cfg.loss, prepare_for_training(cfg, cfg.loss), "pretrain")
     rows = [json.loads(x) for x in read_text(summary["metrics_path"]).splitlines() if x.strip()]
     if len(rows) != s.train_steps:
         raise RuntimeError(f"{len(rows)} steps logged of {s.train_steps}")
