@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--st-sampler", action="store_true",
                    help="let sentence-transformers shuffle with its own sampler instead of our order")
     p.add_argument("--only", choices=("both", "ours", "st"), default="both")
+    p.add_argument("--reuse", action="store_true",
+                   help="score checkpoints a previous run of the same settings left under --out")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc_texts = test.doc_texts()
 
     def score(checkpoint: str, name: str) -> float:
-        model = Encoder.from_pretrained(checkpoint, device="cpu")
+        model = Encoder.from_pretrained(checkpoint, device="cpu", max_length=args.doc_max_length)
         emb = model.encode_dense(doc_texts, kind="document", batch_size=64)
         for dim in args.matryoshka_dims:
             result[f"{name}_dim{dim}"] = round(dense_ndcg(model, test, emb, dim), 4)
@@ -163,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
         ours_args = argparse.Namespace(**{**base, **vars(args), "recipe": "base", "cpus": 2.0})
         cfg = finetune_config(ours_args, prep["mined_path"], out)
         t = time.time()
-        summary = finetune(cfg, args.trainer, out)
+        done = out / f"inprocess_{cfg.checkpoint.name}" / "model"
+        summary = ({"checkpoint": str(done)} if args.reuse and args.trainer == "inprocess"
+                   and done.exists() else finetune(cfg, args.trainer, out))
         timings["ours_train_s"] = round(time.time() - t, 1)
         t = time.time()
         result["ours"] = round(score(summary["checkpoint"], "ours"), 4)
@@ -172,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"ours: SciFact test nDCG@10 = {result['ours']:.4f}", flush=True)
     if args.only in ("both", "st"):
         t = time.time()
-        st = train_st(st_columns(table, steps, args.negatives), args, total, decay_steps, out)
+        st = ({"checkpoint": str(out / "st_model"), "lrs": [], "losses": [], "steps": total}
+              if args.reuse and (out / "st_model").exists()
+              else train_st(st_columns(table, steps, args.negatives), args, total, decay_steps, out))
         timings["st_train_s"] = round(time.time() - t, 1)
         t = time.time()
         result["st"] = round(score(st["checkpoint"], "st"), 4)

@@ -57,17 +57,23 @@ def _settings_from_sentence_transformers(path: Path) -> EncoderSettings:
         kind = module["type"].rsplit(".", 1)[-1]
         if kind == "Pooling":
             pooling = json.loads((path / module["path"] / "config.json").read_text())
-            if pooling.get("pooling_mode_cls_token"):
+            mode = pooling.get("pooling_mode")  # sentence-transformers >= 6 writes one key
+            if pooling.get("pooling_mode_cls_token") or mode == "cls":
                 settings.pooling = "cls"
-            elif pooling.get("pooling_mode_mean_tokens"):
+            elif pooling.get("pooling_mode_mean_tokens") or mode == "mean":
                 settings.pooling = "mean"
             else:
                 raise ValueError(f"{path}: unsupported pooling {pooling}")
         elif kind == "Normalize":
             settings.normalize = True
     st_config = path / "sentence_bert_config.json"
-    if st_config.exists():
-        settings.max_length = int(json.loads(st_config.read_text()).get("max_seq_length", 512))
+    st_max = json.loads(st_config.read_text()).get("max_seq_length") if st_config.exists() else None
+    tok_config = path / "tokenizer_config.json"  # sentence-transformers >= 6 keeps it there
+    if st_max is None and tok_config.exists():
+        limit = json.loads(tok_config.read_text()).get("model_max_length")
+        st_max = limit if isinstance(limit, int) and 0 < limit < settings.max_length else None
+    if st_max is not None:
+        settings.max_length = int(st_max)
     prompts_file = path / "config_sentence_transformers.json"
     if prompts_file.exists():
         prompts = json.loads(prompts_file.read_text()).get("prompts") or {}

@@ -261,3 +261,19 @@ def test_load_report_filter_drops_only_the_pooler_we_leave_out():
     assert not f.filter(record("pooler.dense.weight | UNEXPECTED |  |\npooler.dense.bias | UNEXPECTED |  |"))
     assert f.filter(record("pooler.dense.weight | UNEXPECTED |  |\nencoder.layer.0.x | MISSING |  |"))
     assert f.filter(logging.LogRecord("t", logging.WARNING, "", 0, "another warning", None, None))
+
+
+def test_sentence_transformers_6_directory_layout(tmp_path):
+    """sentence-transformers >= 6 saves Pooling as {"pooling_mode": ...} and the max length only
+    in tokenizer_config.json: both are read (a model their trainer saved loads as it was trained)."""
+    import json
+
+    from raylib.tiny import save_tiny_encoder
+
+    path = save_tiny_encoder(tmp_path / "m", pooling="mean", max_length=48)
+    (path / "raylib_settings.json").unlink()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"embedding_dimension": 32, "pooling_mode": "mean", "include_prompt": True}))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"transformer_task": "feature-extraction"}))
+    enc = Encoder.from_pretrained(path, device="cpu")
+    assert enc.settings.pooling == "mean" and enc.settings.max_length == 48 and enc.settings.normalize
