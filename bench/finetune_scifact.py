@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainer", choices=("ray", "inprocess"), default="ray",
                    help="ray: jobs/finetune.py's Ray Train loop; inprocess: the same loop step "
-                        "(raylib.ray_train.loop.training_step) without Ray, for overloaded machines")
+                        "(raylib.training.training_step) without Ray, for overloaded machines")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dev", type=int, default=0,
                    help="hold out this many train queries as a dev set for tuning (never the test set)")

@@ -6,7 +6,7 @@ Both start from minilm and see the same rows in the same batches (bench/finetune
 cached mining pass and its seeded batch order), with the same batch size, steps, learning rate,
 WSD schedule (no warmup, linear decay over the last half), AdamW (betas 0.9/0.999, eps 1e-8,
 weight decay 0.01 except biases and norms), gradient clipping at 1.0, fp32, one CPU process:
-- ours: raylib.ray_train.loop.training_step with the FinetuneObjective (InfoNCE over every
+- ours: raylib.training.training_step with the FinetuneObjective (InfoNCE over every
   document of the batch: positives + hard negatives, temperature tau), `--trainer ray` for the
   Ray Train job itself (its own batch plan: same rows, other batches);
 - theirs: SentenceTransformerTrainer + MultipleNegativesRankingLoss(scale = 1/tau) over
