@@ -13,8 +13,8 @@ project's pin, removed), numpy<2-era huggingface_hub and pyarrow<17 (pyarrow 17+
 so it runs from its own venv outside the repository (--infinity-venv, default ../venvs/infinity
 relative to the repository root), made once from the repository root with:
     python3.11 -m venv ../venvs/infinity && ../venvs/infinity/bin/pip install torch==2.13.0 \
-        'infinity-emb[server,optimum]==0.0.78' 'transformers<5' 'sentence-transformers<5' \
-        'datasets<4' 'pyarrow<17' 'optimum[onnxruntime]'
+        'infinity-emb[server,optimum]==0.0.78' 'transformers<4.49' 'sentence-transformers<5' \
+        'datasets<4' 'pyarrow<17' 'optimum[onnxruntime]<2'
 If it cannot start, the reason is printed and the rest of the report still comes out.
 The onnx-int8 backend's peer is infinity-emb's ONNX engine (`--engine optimum --pooling-method
 mean`) on the file optimum's own tools make (`optimum-cli export onnx --library-name transformers`,
