@@ -13,8 +13,8 @@ project's pin, removed), numpy<2-era huggingface_hub and pyarrow<17 (pyarrow 17+
 so it runs from its own venv outside the repository (--infinity-venv, default ../venvs/infinity
 relative to the repository root), made once from the repository root with:
     python3.11 -m venv ../venvs/infinity && ../venvs/infinity/bin/pip install torch==2.13.0 \
-        'infinity-emb[server,optimum]==0.0.78' 'transformers<4.49' 'sentence-transformers<5' \
-        'datasets<4' 'pyarrow<17' 'optimum[onnxruntime]<2'
+        'infinity-emb[server,optimum]==0.0.78' 'transformers==4.57.6' 'sentence-transformers<5' \
+        'datasets<4' 'pyarrow<17' 'optimum[onnxruntime]==2.1.0' 'optimum-onnx==0.1.0'
 If it cannot start, the reason is printed and the rest of the report still comes out.
 The onnx-int8 backend's peer is infinity-emb's ONNX engine (`--engine optimum --pooling-method
 mean`) on the file optimum's own tools make (`optimum-cli export onnx --library-name transformers`,
@@ -155,13 +155,16 @@ def start_infinity(venv: Path, model_dir: str, port: int, batch: int, log: Path,
                       "pandas/faiss there)")
     env = dict(os.environ, HF_HUB_OFFLINE="1", INFINITY_ANONYMOUS_USAGE_STATS="0",
                DO_NOT_TRACK="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [str(exe), "v2", "--model-id", model_dir, "--served-model-name", "minilm",
+    # optimum engine: infinity 0.0.78 hands optimum 2 the ONNX file's path as found under the model
+    # id, and optimum matches it against bare file names: serve "." from inside the model dir.
+    cwd = model_dir if engine == "optimum" else None
+    cmd = [str(exe), "v2", "--model-id", "." if cwd else model_dir, "--served-model-name", "minilm",
            "--port", str(port), "--host", "127.0.0.1", "--engine", engine, "--device", "cpu",
            "--batch-size", str(batch), "--url-prefix", "/v1", "--no-bettertransformer"]
     if engine == "optimum":  # its ONNX graph ends at the token states: pool as the model does
         cmd += ["--pooling-method", "mean"]
     out = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                             preexec_fn=lambda: os.nice(niceness))
     err = wait_http(f"http://127.0.0.1:{port}/health", 300, proc)  # not under --url-prefix
     if err:

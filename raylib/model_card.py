@@ -172,10 +172,11 @@ def write_card(directory: str, text: str) -> str:
 
 
 def add_section(directory: str, title: str, body: str) -> str:
-    """Append (or replace) a `## title` section in a model directory's card, before `## How to load`."""
+    """Append (or replace) a `## title` section in a model directory's card, before `## How to load`;
+    an unchanged card is not rewritten (a resumed pipeline leaves its outputs as they were)."""
     from raylib.storage import join, read_text
 
-    text = read_text(join(directory, CARD_FILE))
+    text = original = read_text(join(directory, CARD_FILE))
     head = f"\n## {title}\n"
     if head in text:  # replace an earlier version of the section
         start = text.index(head)
@@ -184,7 +185,7 @@ def add_section(directory: str, title: str, body: str) -> str:
     cut = text.find("\n## How to load")
     section = f"{head}\n{body}\n"
     text = text[:cut] + section + text[cut:] if cut >= 0 else text + section
-    return write_card(directory, text)
+    return join(directory, CARD_FILE) if text == original else write_card(directory, text)
 
 
 INFO_FILE = "raylib_card.json"  # the CardInfo beside README.md: the driver re-renders the final card

@@ -141,6 +141,9 @@ def test_model_card_front_matter_sections_and_added_table(tmp_path):
     out = (tmp_path / "README.md").read_text()
     assert out.count("## Before / after") == 1 and "0.3 | 0.4" in out
     assert out.index("## Before / after") < out.index("## How to load")
+    stamp = (tmp_path / "README.md").stat().st_mtime_ns
+    add_section(str(tmp_path), "Before / after", "| dense | 0.3 | 0.4 |")  # unchanged: not rewritten
+    assert (tmp_path / "README.md").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.slow
