@@ -15,8 +15,9 @@ export TOKENIZERS_PARALLELISM := false
 LOCK := requirements/lock-py311-linux-x86_64.txt
 UV_VERSION := 0.13.9
 # torch's CPU build is not on PyPI: it comes from pip's find-links when this machine has one
-# (PIP_FIND_LINKS), else from PyTorch's CPU index.
-TORCH_SOURCE = $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+# (PIP_FIND_LINKS, or find-links in pip's config), else from PyTorch's CPU index.
+FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-links 2>/dev/null))
+TORCH_SOURCE = $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 UV := $(VENV)/bin/uv
 
 $(UV):
