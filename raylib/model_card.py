@@ -41,7 +41,7 @@ def recipe_of(job: str, objective: Any) -> str:
     """One paragraph naming the paper recipe the objective implements."""
     o = asdict(objective) if hasattr(objective, "__dataclass_fields__") else dict(objective)
     mrl = f" Matryoshka (Arctic-Embed 2.0 §2.5) at dims {o['matryoshka_dims']}." if o.get("matryoshka_dims") else ""
-    if job == "pretrain":
+    if job == "pretrain" or "num_negatives" not in o:  # pairs, not mined rows (objectives.base)
         return (f"Arctic-Embed 2.0 contrastive pretraining (App. C): InfoNCE (temperature {o['temperature']}) of "
                 f"each query against the in-batch documents gathered from every worker, one source per batch."
                 + mrl)
