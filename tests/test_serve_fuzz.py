@@ -166,12 +166,12 @@ def _check_valid(route: str, body: dict, payload: dict, ref) -> None:
 
 @pytest.mark.slow
 def test_replica_killed_under_load_gives_200_or_503_never_500(fuzz_server):
-    """Kill one of the two Encoder replicas while 16 clients send valid requests: in-flight calls
+    """Kill one of the two Batcher replicas while 16 clients send valid requests: in-flight calls
     are re-sent to the survivor (or answered 503 + Retry-After), and the app keeps answering."""
     import ray
 
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if "fuzz" in a["name"] and "#Encoder#" in a["name"]]
+                if "fuzz" in a["name"] and "#Batcher#" in a["name"]]
     assert len(replicas) == 2, replicas
     rng = random.Random(5)
     bodies = [{"input": [_text(rng) for _ in range(3)]} for _ in range(600)]
