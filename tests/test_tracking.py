@@ -242,6 +242,7 @@ def test_debug_pipeline_mlflow_run_holds_config_loss_and_eval(tmp_path):
     links the run and the card; the card has the before/after table."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri in an earlier test exports it
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config",
                           str(ROOT / "jobs" / "configs" / "pipeline" / "debug.yaml"),
                           "--set", f"workdir={tmp_path / 'run'}", "--set", "serve.enabled=false"],
