@@ -32,16 +32,16 @@ class ServeArgs(BaseModel):
     served_model_name: Optional[str] = Field(None, description="name in /v1/models; default: model")
     max_length: Optional[int] = Field(None, ge=8, description="token cap; default: the model's")
     backend: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch", description="raylib.backends backend of the Encoder replicas")
+        "torch", description="raylib.backends backend of the Batcher replicas")
     # continuous batching: texts per forward pass; how long an idle model waits for a batch to
     # fill (0: start at once; under load batches fill while the previous one runs)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.0, ge=0)
-    # Encoder replicas: a fixed count, or autoscaling when `autoscaling` is set
+    # Batcher replicas: a fixed count, or autoscaling when `autoscaling` is set
     num_replicas: int = Field(1, ge=1)
     autoscaling: Optional[AutoscalingArgs] = None
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per Encoder replica (0: CPU)")
-    num_cpus: float = Field(1.0, ge=0, description="CPU tokens per Encoder replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per Batcher replica (0: CPU)")
+    num_cpus: float = Field(1.0, ge=0, description="CPU tokens per Batcher replica")
     torch_threads: Optional[int] = Field(
         None, ge=1, description="intra-op threads per replica (torch or ONNX Runtime); default: "
                                 "int(num_cpus) on CPU, at least 1")
@@ -50,7 +50,7 @@ class ServeArgs(BaseModel):
     # limits (413 beyond them) and capacity (503 + Retry-After beyond them)
     max_inputs_per_request: int = Field(256, ge=1)
     max_chars_per_input: int = Field(20_000, ge=1)
-    max_ongoing_requests: int = Field(64, ge=1, description="per Encoder replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="per Batcher replica")
     max_queued_requests: int = Field(256, ge=-1, description="per caller of the Encoder; -1: no cap")
     ingress_max_ongoing_requests: int = Field(256, ge=1,
                                               description="in-flight HTTP requests per ingress replica")
