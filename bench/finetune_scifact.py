@@ -35,7 +35,8 @@ import numpy as np
 from raylib.beir import load_beir
 from raylib.metrics import evaluate
 from raylib.mining import KEPT, NegativeRule, mine_in_memory
-from raylib.model import Encoder, truncate_dims
+from raylib.encoding import truncate_dims
+from raylib.model import Encoder
 from raylib.search import exact_search
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data
@@ -147,7 +148,7 @@ def train_in_process(cfg, out: Path) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from raylib.training import build_optimizer, load_encoder, training_step
+    from raylib.training import build_optimizer, build_encoder, training_step
     from raylib.schedule import wsd_scheduler
 
     table = pq.read_table(cfg.data.paths[0]).to_pydict()
@@ -155,7 +156,7 @@ def train_in_process(cfg, out: Path) -> dict:
     steps = batch_order(n, cfg.data.global_batch_size, cfg.data.epochs, cfg.data.seed, cfg.train.max_steps)
     total = len(steps)
     torch.manual_seed(cfg.train.seed)
-    encoder = load_encoder(cfg.model, cfg.train.seed)
+    encoder = build_encoder(cfg.model, cfg.train.seed)
     encoder.train()
     opt = build_optimizer(encoder, cfg.train)
     sched = wsd_scheduler(opt, total, cfg.train.warmup, cfg.train.decay, cfg.train.min_lr_ratio)

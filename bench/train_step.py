@@ -26,7 +26,7 @@ from raylib.gradcache import forward_backward
 from raylib.train_data import iter_steps, make_plan, split_sources, synthetic_pairs
 from raylib.jobs.prepare import prepare_for_training
 from raylib.ray_train.loop import fit
-from raylib.training import build_optimizer, load_encoder, train_flops_per_token, training_step
+from raylib.training import build_optimizer, build_encoder, train_flops_per_token, training_step
 from raylib.train_config import CheckpointSection, DataSection, ModelSection, ScalingSection, TrainJobConfig, TrainSection
 from raylib.objectives.contrastive import ContrastiveObjective
 from raylib.schedule import wsd_scheduler
@@ -39,7 +39,7 @@ def objective_factory(cfg) -> ContrastiveObjective:
 def plain_loop(cfg, tables, plan, device) -> list[float]:
     """The same steps as the Ray worker runs, in a bare loop in this process."""
     torch.manual_seed(cfg.train.seed)
-    encoder = load_encoder(cfg.model, cfg.train.seed).to(device).train()
+    encoder = build_encoder(cfg.model, cfg.train.seed).to(device).train()
     optimizer = build_optimizer(encoder, cfg.train)
     scheduler = wsd_scheduler(optimizer, plan.total_steps, cfg.train.warmup, cfg.train.decay)
     objective = objective_factory(cfg)
@@ -62,7 +62,7 @@ def plain_loop(cfg, tables, plan, device) -> list[float]:
 
 def grad_cache_vs_plain(cfg, tables, plan, device, chunk: int, repeats: int) -> tuple[float, float]:
     torch.manual_seed(0)
-    encoder = load_encoder(cfg.model, 0).to(device).train()
+    encoder = build_encoder(cfg.model, 0).to(device).train()
     objective = objective_factory(cfg)
     _, rows = next(iter_steps(plan, tables, 0, 0))
     features = {s: {k: v.to(device) for k, v in f.items()} for s, f in objective.features(encoder, rows).items()}

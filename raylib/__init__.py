@@ -3,7 +3,8 @@
 The core (model, scoring, losses, metrics, filters, mining) imports no Ray.
 """
 
-from raylib.model import Encoder, EncoderSettings, ModelSpec, truncate_dims
+from raylib.encoding import truncate_dims
+from raylib.model import Encoder, EncoderSettings, ModelSpec
 from raylib.registry import resolve_model_path
 
 __all__ = ["Encoder", "EncoderSettings", "ModelSpec", "resolve_model_path", "truncate_dims"]

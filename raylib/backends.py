@@ -1,17 +1,16 @@
 """Encoder backends behind one API: the torch `Encoder` and ONNX Runtime (fp32 and dynamic int8).
 
-`load_encoder(model, backend)` returns an object whose `encode(texts, kind=, dense=, sparse=,
-multivector=, dim=, batch_size=, max_length=)` gives what `raylib.model.Encoder.encode` gives
-(dense, sparse {token_id: weight}, multi-vector arrays), and the two halves of it that
-Encoder has too: `tokenize(texts, kind, max_length, padding=False)["input_ids"]` and
-`encode_features(input_ids, ...)`, so a server tokenizes a batch once and takes its token
-counts from the same pass, and `raylib.evaluation.evaluate_encoder` takes any backend.
+`load_encoder(model, backend)` returns a `raylib.encoding.BatchEncoder`: the torch
+`raylib.model.Encoder` itself, or an `OnnxEncoder`. Both run the same encode loop
+(`encode(texts, ...)` and its two halves `tokenize(texts, kind, max_length, padding=False)` and
+`encode_features(input_ids, ...)`, so a server tokenizes a batch once and takes its token counts
+from the same pass); a backend only supplies the forward pass of one padded batch.
 
 The ONNX graphs are exported from the model directory by `export_onnx` into `<model>/onnx/`
 (`model.onnx` fp32; `model_int8.onnx` dynamic int8 MatMul weights) and reused while the
 model's weight files are unchanged. The graph holds the backbone, pooling and, where the model
 has them, the sparse (ReLU(W_lex h)) and multi-vector (normalize(W_mul h)) heads; masking of
-special tokens and cutting per text happen in NumPy, as in `Encoder.encode`. No Ray here.
+special tokens and cutting per text happen in the shared loop. No Ray here.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from raylib.encoding import BatchEncoder
 from raylib.registry import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -42,149 +42,6 @@ RECIPE = 3  # bump when the export or quantization recipe changes: exports are r
 # (bench/int8_isa.py runs it on an emulated AVX2 CPU), so the cached export is valid on any node;
 # export.json names the recipe so a full-range file from an older export is never reused.
 INT8_RECIPE = {"weights": "s8", "per_channel": True, "reduce_range": True}
-
-
-# ------------------------------------------------------------------------------- shared logic
-class BaseEncoder:
-    """Tokenize + pad + post-process in NumPy; subclasses provide `_forward` on a padded batch."""
-
-    tokenizer: Any
-    settings: Any
-    dim: int
-    has_sparse: bool
-    has_multivector: bool
-    multivector_dim: int | None
-    backend: str
-    device: str = "cpu"
-
-    def _init_tokens(self) -> None:
-        tok = self.tokenizer
-        special = {tok.cls_token_id, tok.sep_token_id, tok.eos_token_id, tok.bos_token_id,
-                   tok.pad_token_id, tok.unk_token_id}
-        self.special_token_ids = np.asarray(sorted(i for i in special if i is not None), np.int64)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    def prefix(self, kind: str) -> str:
-        return self.text_tokenizer.prefix(kind)
-
-    def tokenize(self, texts: Sequence[str], kind: str = "document",
-                 max_length: int | None = None, padding: bool = False) -> dict[str, Any]:
-        """Prefixed, truncated token ids per text (Encoder.tokenize; unpadded lists here)."""
-        if padding:
-            raise ValueError("ONNX backends tokenize without padding (encode_features pads)")
-        return self.text_tokenizer(texts, kind, max_length, padding=False)
-
-    def _forward(self, input_ids: np.ndarray, mask: np.ndarray, dense: bool, sparse: bool,
-                 multivector: bool) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def encode_features(self, input_ids: Sequence[Sequence[int]], dense: bool = True,
-                        sparse: bool = False, multivector: bool = False, dim: int | None = None,
-                        batch_size: int = 64, show_progress: bool = False,
-                        desc: str = "encode") -> dict[str, Any]:
-        """Encode already tokenized texts (length-sorted batches); outputs as Encoder.encode."""
-        from raylib.model import unsort_outputs
-
-        ids = input_ids
-        if len(ids) == 0:
-            raise ValueError("input_ids is empty: nothing to encode")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if sparse and not self.has_sparse:
-            raise ValueError("this model has no sparse head")
-        if multivector and not self.has_multivector:
-            raise ValueError("this model has no multi-vector head")
-        if dim is not None and not 0 < dim <= self.dim:
-            raise ValueError(f"dim must be in 1..{self.dim}, got {dim}")
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        dense_out, sparse_out, multi_out = [], [], []
-        starts: Any = range(0, len(ids), batch_size)
-        if show_progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=desc, unit="batch")
-        for start in starts:
-            rows = [ids[i] for i in order[start:start + batch_size]]
-            input_ids = np.full((len(rows), max(len(r) for r in rows)), self.pad_id, np.int64)
-            mask = np.zeros_like(input_ids)
-            for j, r in enumerate(rows):
-                input_ids[j, :len(r)] = r
-                mask[j, :len(r)] = 1
-            out = self._forward(input_ids, mask, dense, sparse, multivector)
-            if dense:
-                dense_out.append(out["dense"])
-            if sparse:
-                keep = mask.astype(bool) & ~np.isin(input_ids, self.special_token_ids)
-                sparse_out.extend(sparse_dicts(input_ids, out["sparse"] * keep))
-            if multivector:
-                multi_out.extend(out["multivector"][j, :len(r) - 1] for j, r in enumerate(rows))
-        return unsort_outputs(order, dense_out if dense else None, sparse_out if sparse else None,
-                              multi_out if multivector else None, dim)
-
-    def encode(self, texts: str | Sequence[str], kind: str = "document", dense: bool = True,
-               sparse: bool = False, multivector: bool = False, dim: int | None = None,
-               batch_size: int = 64, max_length: int | None = None,
-               show_progress: bool = False) -> dict[str, Any]:
-        """Same arguments and outputs as raylib.model.Encoder.encode."""
-        if isinstance(texts, str):
-            texts = [texts]
-        ids = self.tokenize(texts, kind, max_length)["input_ids"]
-        return self.encode_features(ids, dense, sparse, multivector, dim, batch_size,
-                                    show_progress, desc=f"encode ({kind})")
-
-    def info(self) -> dict:
-        """What a server needs to validate requests and describe the model."""
-        return {"dim": self.dim, "has_sparse": self.has_sparse,
-                "has_multivector": self.has_multivector, "multivector_dim": self.multivector_dim,
-                "max_length": self.settings.max_length, "device": self.device,
-                "backend": self.backend,
-                "matryoshka_dims": list(self.settings.matryoshka_dims)}
-
-
-def sparse_dicts(input_ids: np.ndarray, weights: np.ndarray) -> list[dict[int, float]]:
-    """Per row: {token_id: max weight over its occurrences}, zero weights dropped."""
-    out = []
-    for ids, w in zip(input_ids, weights):
-        row: dict[int, float] = {}
-        nz = np.nonzero(w > 0)[0]
-        for token, weight in zip(ids[nz].tolist(), w[nz].tolist()):
-            if weight > row.get(token, 0.0):
-                row[token] = weight
-        out.append(row)
-    return out
-
-
-# ------------------------------------------------------------------------------- torch
-class TorchEncoder(BaseEncoder):
-    """raylib.model.Encoder behind the backend API (encode() is Encoder.encode itself)."""
-
-    backend = "torch"
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.text_tokenizer = model.text_tokenizer
-        self.tokenizer, self.settings = model.tokenizer, model.settings
-        self.dim, self.has_sparse, self.has_multivector = (model.dim, model.has_sparse,
-                                                           model.has_multivector)
-        colbert = model.colbert_linear
-        self.multivector_dim = colbert.out_features if colbert is not None else None
-        self.device = str(next(model.parameters()).device)
-
-    def tokenize(self, texts, kind="document", max_length=None, padding=False):
-        return self.model.tokenize(texts, kind, max_length, padding=padding)
-
-    def encode_features(self, input_ids, dense=True, sparse=False, multivector=False, dim=None,
-                        batch_size=64, show_progress=False, desc="encode", mcls=None):
-        return self.model.encode_features(input_ids, dense=dense, sparse=sparse,
-                                          multivector=multivector, dim=dim,
-                                          batch_size=batch_size, show_progress=show_progress,
-                                          desc=desc, mcls=mcls)
-
-    def encode(self, texts, kind="document", dense=True, sparse=False, multivector=False,
-               dim=None, batch_size=64, max_length=None, show_progress=False):
-        return self.model.encode(texts, kind=kind, dense=dense, sparse=sparse,
-                                 multivector=multivector, dim=dim, batch_size=batch_size,
-                                 max_length=max_length, show_progress=show_progress)
 
 
 # ------------------------------------------------------------------------------- ONNX
@@ -285,7 +142,7 @@ def _quantize_int8(fp32: Path, target: Path) -> None:
                      op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_fp32)
 
 
-class OnnxEncoder(BaseEncoder):
+class OnnxEncoder(BatchEncoder):
     """ONNX Runtime session over an exported graph (CPU; CUDA if onnxruntime-gpu is present)."""
 
     def __init__(self, name_or_path: str | os.PathLike, backend: str = "onnx",
@@ -317,16 +174,22 @@ class OnnxEncoder(BaseEncoder):
         self.has_multivector = "multivector" in outputs
         self.multivector_dim = (int(outputs["multivector"].shape[-1])
                                 if self.has_multivector else None)
-        self._init_tokens()
 
-    def _forward(self, input_ids, mask, dense, sparse, multivector):
+    def tokenize(self, texts: Sequence[str], kind: str = "document",
+                 max_length: int | None = None, padding: bool = False) -> dict[str, Any]:
+        """Prefixed, truncated token ids per text (as Encoder.tokenize; unpadded lists only)."""
+        if padding:
+            raise ValueError("ONNX backends tokenize without padding (encode_features pads)")
+        return self.text_tokenizer(texts, kind, max_length, padding=False)
+
+    def _forward(self, input_ids, mask, dense, sparse, multivector, cls_flags):
         names = ["dense"] + (["sparse"] if sparse else []) + (["multivector"] if multivector else [])
         values = self.session.run(names, {"input_ids": input_ids, "attention_mask": mask})
         return dict(zip(names, values))
 
 
 def load_encoder(name_or_path: "str | os.PathLike | ModelSpec", backend: str = "torch",
-                 device: str | None = None, threads: int | None = None) -> BaseEncoder:
+                 device: str | None = None, threads: int | None = None) -> BatchEncoder:
     """An encoder for `backend` in BACKENDS; `threads` sets intra-op threads (None: library
     default). ONNX backends export beside the model on first use."""
     if backend not in BACKENDS:
@@ -338,7 +201,7 @@ def load_encoder(name_or_path: "str | os.PathLike | ModelSpec", backend: str = "
 
         if threads:
             torch.set_num_threads(threads)
-        return TorchEncoder(Encoder.from_pretrained(name_or_path, device=device))
+        return Encoder.from_pretrained(name_or_path, device=device)
     if device not in (None, "cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda for ONNX backends, got {device!r}")
     from raylib.model import ModelSpec

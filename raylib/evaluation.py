@@ -9,7 +9,8 @@ import numpy as np
 
 from raylib.beir import BeirData
 from raylib.metrics import evaluate
-from raylib.model import Encoder, truncate_dims
+from raylib.encoding import truncate_dims
+from raylib.model import Encoder
 from raylib.quantization import quantized_search
 from raylib.scoring import DEFAULT_WEIGHTS, hybrid_scores, lexical_scores, multivector_scores
 from raylib.search import exact_search

@@ -98,7 +98,7 @@ def pair_hash(query: str, document: str) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
-def num_shards(num_pairs: int, shard_size: int) -> int:
+def num_consistency_shards(num_pairs: int, shard_size: int) -> int:
     """Even cuts of at most about `shard_size` pairs: ceil(n / shard_size), at least 1."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")

@@ -412,7 +412,7 @@ def reference_scores(pos_scores_flat: np.ndarray, row_of: np.ndarray, own_scores
     return ref
 
 
-def num_shards(num_docs: int, max_docs_per_shard: int | None) -> int:
+def num_doc_shards(num_docs: int, max_docs_per_shard: int | None) -> int:
     """Shards needed so that none holds more than max_docs_per_shard documents (None: one index)."""
     if max_docs_per_shard is None:
         return 1
@@ -504,7 +504,7 @@ def plan_shards(num_docs: int, dim: int, budget: IndexBudget, candidates: int, q
     per_doc, host = index_bytes_per_doc(dim, budget.dtype, on_gpu)
     reserve = search_reserve_bytes(dim, candidates, query_batch, budget, on_gpu)
     if budget.memory_bytes is None:  # the count-based plan, unchanged: ceil(num_docs / max)
-        shards = num_shards(num_docs, max_docs_per_shard)
+        shards = num_doc_shards(num_docs, max_docs_per_shard)
         cap = max_docs_per_shard if max_docs_per_shard is not None else max(num_docs, 1)
         return ShardPlan(shards, cap, -(-num_docs // shards), per_doc, reserve, per_doc * cap, host)
     fits = (budget.memory_bytes - reserve) // per_doc
@@ -539,7 +539,7 @@ def mine_in_memory(query_emb: np.ndarray, query_keys: np.ndarray, own_pos_keys: 
     """Small-scale reference of the whole mining step for rows (query, own positive):
     returns (selection, own positive scores [n], reference scores [n])."""
     rule.validate()
-    n_shards = num_shards(len(doc_keys), max_docs_per_shard)
+    n_shards = num_doc_shards(len(doc_keys), max_docs_per_shard)
     where = shard_of(doc_keys, n_shards)
     shards = []
     for i in range(n_shards):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raylib.encoding import BatchEncoder, check_texts, pad_rows
 from raylib.model_files import COLBERT_FILE, SETTINGS_FILE, SPARSE_FILE, write_model_dir
 from raylib.registry import resolve_model_path
 
@@ -242,20 +243,16 @@ class TextTokenizer:
 
 
 def pad_ids(ids: Sequence[Sequence[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpadded token id rows -> (input_ids, attention_mask) [B, max len] int64, padded on `side`."""
-    lengths = [len(row) for row in ids]
-    width = max(lengths)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for j, (row, n) in enumerate(zip(ids, lengths)):
-        cols = slice(width - n, width) if side == "left" else slice(0, n)
-        input_ids[j, cols] = torch.as_tensor(np.asarray(row, dtype=np.int64))
-        mask[j, cols] = 1
-    return input_ids, mask
+    """`raylib.encoding.pad_rows` as torch tensors (the training batches' padding)."""
+    input_ids, mask = pad_rows(ids, pad_id, side)
+    return torch.from_numpy(input_ids), torch.from_numpy(mask)
 
 
-class Encoder(nn.Module):
-    """Backbone + pooling + optional sparse and multi-vector heads; trains and encodes."""
+class Encoder(nn.Module, BatchEncoder):
+    """Backbone + pooling + optional sparse and multi-vector heads; trains, and encodes as the
+    torch backend of `raylib.encoding.BatchEncoder`'s loop."""
+
+    backend = "torch"
 
     def __init__(self, backbone: nn.Module, tokenizer: Any, settings: EncoderSettings | None = None,
                  sparse_linear: nn.Linear | None = None, colbert_linear: nn.Linear | None = None):
@@ -265,9 +262,6 @@ class Encoder(nn.Module):
         self.settings = settings or EncoderSettings()
         self.sparse_linear = sparse_linear
         self.colbert_linear = colbert_linear
-        special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.eos_token_id,
-                   tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
-        self.special_token_ids = sorted(i for i in special if i is not None)
         self.text_tokenizer = TextTokenizer(tokenizer, self.settings)
 
     # ----------------------------------------------------------------- construction
@@ -287,6 +281,14 @@ class Encoder(nn.Module):
     @property
     def has_multivector(self) -> bool:
         return self.colbert_linear is not None
+
+    @property
+    def multivector_dim(self) -> int | None:
+        return self.colbert_linear.out_features if self.colbert_linear is not None else None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def add_m3_heads(self, colbert_dim: int | None = None, seed: int | None = None) -> "Encoder":
         """Attach fresh sparse and multi-vector heads (M3 §3.2), initialized like nn.Linear."""
@@ -332,9 +334,6 @@ class Encoder(nn.Module):
                                self.hidden_size, self.sparse_linear, self.colbert_linear)
 
     # ----------------------------------------------------------------- tokenization
-    def prefix(self, kind: Kind) -> str:
-        return self.text_tokenizer.prefix(kind)
-
     def tokenize(self, texts: Sequence[str], kind: Kind = "document", max_length: int | None = None,
                  padding: bool = True) -> dict[str, torch.Tensor]:
         """Prefix, tokenize and truncate to max_length (warned once when it cuts text)."""
@@ -361,7 +360,7 @@ class Encoder(nn.Module):
                 raise ValueError("this model has no sparse head (add_m3_heads() adds one)")
             weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1)  # [B, L]
             keep = attention_mask.bool() & ~torch.isin(
-                input_ids, torch.tensor(self.special_token_ids, device=input_ids.device))
+                input_ids, torch.from_numpy(self.special_token_ids).to(input_ids.device))
             out["sparse"] = weights * keep
         if multivector:
             if self.colbert_linear is None:
@@ -382,79 +381,25 @@ class Encoder(nn.Module):
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
-    def encode(self, texts: str | Sequence[str], kind: Kind = "document", dense: bool = True,
-               sparse: bool = False, multivector: bool = False, dim: int | None = None,
-               batch_size: int = 64, max_length: int | None = None,
-               show_progress: bool = False, mcls: int | None = None) -> dict[str, Any]:
-        """Encode texts for retrieval; sorts by length to batch, no grad, bf16 autocast on GPU.
-
-        Returns a dict with the requested keys:
-          dense:       float32 [n, d] L2-normalized (truncated to `dim` and renormalized if set)
-          sparse:      list of {token_id: weight}, max weight per distinct non-special token
-          multivector: list of float32 [len_i, d'] arrays (tokens after CLS)
-        `mcls=N`: dense = mean of the last hidden states of a CLS inserted every N tokens (M3 App.
-        B.2, raylib.mcls; N = 256 in the paper), dense head only.
-        """
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = check_texts(texts)
-        tokens = self.tokenize(texts, kind, max_length, padding=False)
-        return self.encode_features(tokens["input_ids"], dense, sparse, multivector, dim, batch_size,
-                                    show_progress, desc=f"encode ({kind})", mcls=mcls)
-
-    @torch.no_grad()
-    def encode_features(self, input_ids: Sequence[Sequence[int]], dense: bool = True,
-                        sparse: bool = False, multivector: bool = False, dim: int | None = None,
-                        batch_size: int = 64, show_progress: bool = False,
-                        desc: str = "encode", mcls: int | None = None) -> dict[str, Any]:
-        """Encode already tokenized texts (unpadded id rows, prefixes and truncation applied, as
-        `tokenize(..., padding=False)` gives): the model half of `encode`, same outputs.
-
-        Sorts rows by length into padded batches of `batch_size`, so that token ids made in
-        another process (a CPU task upstream of a GPU actor) encode exactly as `encode` would."""
-        if dim is not None and not 0 < dim <= self.dim:
-            raise ValueError(f"dim must be in 1..{self.dim}, got {dim}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if len(input_ids) == 0:
-            raise ValueError("input_ids is empty: nothing to encode")
-        cls_flags = None
-        if mcls:  # M3 App. B.2: CLS every `mcls` tokens, within the model's max_length
-            input_ids, cls_flags = self.mcls_rows(input_ids, mcls, dense, sparse, multivector)
+    def encode_features(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """BatchEncoder.encode_features in eval mode without autograd (train mode restored)."""
         was_training = self.training
         self.eval()
-        order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
-        device = next(self.parameters()).device
-        dense_out: list[np.ndarray] = []
-        sparse_out: list[dict[int, float]] = []
-        multi_out: list[np.ndarray] = []
-        starts = range(0, len(input_ids), batch_size)
-        if show_progress:
-            from tqdm.auto import tqdm
+        try:
+            return super().encode_features(*args, **kwargs)
+        finally:
+            self.train(was_training)
 
-            starts = tqdm(starts, desc=desc, unit="batch")
-        for start in starts:
-            ids, mask = pad_ids([input_ids[i] for i in order[start:start + batch_size]],
-                                self.tokenizer.pad_token_id, self.tokenizer.padding_side)
-            ids, mask = ids.to(device), mask.to(device)
-            with autocast_for(device):
-                if cls_flags is not None:
-                    flags = pad_ids([cls_flags[i] for i in order[start:start + batch_size]], 0,
-                                    self.tokenizer.padding_side)[0].to(device)
-                    out = {"dense": self.mcls_dense(ids, mask, flags)}
-                else:
-                    out = self(ids, mask, dense=dense, sparse=sparse, multivector=multivector)
-            if dense:
-                dense_out.append(out["dense"].float().cpu().numpy())
-            if sparse:
-                sparse_out.extend(_sparse_dicts(ids, out["sparse"].float()))
-            if multivector:
-                lengths = mask.sum(1) - 1  # tokens after CLS
-                vecs = out["multivector"].float().cpu().numpy()
-                multi_out.extend(vecs[j, : int(n)] for j, n in enumerate(lengths.tolist()))
-        self.train(was_training)
-        return unsort_outputs(order, dense_out if dense else None, sparse_out if sparse else None,
-                              multi_out if multivector else None, dim)
+    def _forward(self, input_ids: np.ndarray, mask: np.ndarray, dense: bool, sparse: bool,
+                 multivector: bool, cls_flags: np.ndarray | None) -> dict[str, np.ndarray]:
+        """One padded batch through the model on its device: float32 NumPy outputs per head."""
+        ids, att = torch.from_numpy(input_ids).to(self.device), torch.from_numpy(mask).to(self.device)
+        with autocast_for(ids.device):
+            if cls_flags is not None:
+                out = {"dense": self.mcls_dense(ids, att, torch.from_numpy(cls_flags).to(ids.device))}
+            else:
+                out = self(ids, att, dense=dense, sparse=sparse, multivector=multivector)
+        return {k: v.float().cpu().numpy() for k, v in out.items() if k != "mask"}
 
     def mcls_rows(self, input_ids: Sequence[Sequence[int]], every: int, dense: bool = True,
                   sparse: bool = False, multivector: bool = False) -> tuple[list, list]:
@@ -481,61 +426,8 @@ class Encoder(nn.Module):
         return self.encode(texts, kind, dense=True, **kwargs)["dense"]
 
 
-def _sparse_dicts(input_ids: torch.Tensor, weights: torch.Tensor) -> list[dict[int, float]]:
-    """Per row: {token_id: max weight over its occurrences}, zero weights dropped."""
-    out = []
-    for ids, w in zip(input_ids.cpu().tolist(), weights.cpu().tolist()):
-        row: dict[int, float] = {}
-        for token, weight in zip(ids, w):
-            if weight > 0 and weight > row.get(token, 0.0):
-                row[token] = weight
-        out.append(row)
-    return out
-
-
-def unsort_outputs(order: np.ndarray, dense_out: list[np.ndarray] | None,
-                   sparse_out: list[dict] | None, multi_out: list[np.ndarray] | None,
-                   dim: int | None = None) -> dict[str, Any]:
-    """Put per-batch outputs of length-sorted texts (`order`) back in input order: dense [n, H]
-    float32 (truncated to `dim`), sparse dicts, multi-vectors [L_i, H'] float32; None for a head
-    that was not asked for. Shared by the torch Encoder and the ONNX backend."""
-    inverse = np.argsort(order)
-    result: dict[str, Any] = {}
-    if dense_out is not None:
-        emb = np.concatenate(dense_out)[inverse].astype(np.float32)
-        result["dense"] = truncate_dims(emb, dim) if dim else emb
-    if sparse_out is not None:
-        result["sparse"] = [sparse_out[i] for i in inverse]
-    if multi_out is not None:
-        result["multivector"] = [np.ascontiguousarray(multi_out[i], np.float32) for i in inverse]
-    return result
-
-
-def truncate_dims(emb: np.ndarray | torch.Tensor, dim: int) -> Any:
-    """Matryoshka: keep the first `dim` dimensions and re-normalize."""
-    if isinstance(emb, torch.Tensor):
-        return F.normalize(emb[..., :dim], dim=-1)
-    cut = emb[..., :dim]
-    return cut / np.maximum(np.linalg.norm(cut, axis=-1, keepdims=True), 1e-12)
-
-
 def autocast_for(device: torch.device):
     """bf16 autocast on CUDA (SDPA picks flash attention there); a no-op context on CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
-
-
-def check_texts(texts: Any) -> list[str]:
-    """Reject what would crash deep in the tokenizer with a ValueError naming the bad item."""
-    if isinstance(texts, str) or not isinstance(texts, Sequence) and not hasattr(texts, "__iter__"):
-        raise ValueError(f"texts must be a list of strings, got {type(texts).__name__}")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts is empty: nothing to encode")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise ValueError(f"texts[{i}] must be a string, got {type(t).__name__}")
-        if not t.strip():
-            raise ValueError(f"texts[{i}] is empty or whitespace only")
-    return texts

@@ -63,7 +63,7 @@ def check_scaling(cfg: TrainJobConfig) -> None:
                          f"scaling.num_workers {s.num_workers}")
 
 
-def load_encoder(section: ModelSection, seed: int = 0) -> Encoder:
+def build_encoder(section: ModelSection, seed: int = 0) -> Encoder:
     """The starting Encoder from a name/dir, or a seeded tiny one."""
     if section.name_or_path == "tiny":
         from raylib.tiny import tiny_encoder

@@ -24,6 +24,19 @@ def prefixed_dir(tmp_path_factory):
                              document_prefix="passage: ")
 
 
+def test_one_encode_loop_behind_every_backend():
+    """Both backends run raylib.encoding's loop; each supplies only the forward of one batch."""
+    from raylib.backends import OnnxEncoder
+    from raylib.encoding import BatchEncoder
+    from raylib.model import Encoder
+
+    for backend in (Encoder, OnnxEncoder):
+        assert issubclass(backend, BatchEncoder)
+        assert backend.encode is BatchEncoder.encode
+        assert "_forward" in vars(backend)
+    assert OnnxEncoder.encode_features is BatchEncoder.encode_features
+
+
 def _sparse_diff(a: list[dict], b: list[dict]) -> float:
     return max(abs(x.get(k, 0.0) - y.get(k, 0.0)) for x, y in zip(a, b) for k in set(x) | set(y))
 

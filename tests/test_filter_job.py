@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from raylib.jobs.filter import FilterConfig, run
 from raylib.config import load_config
-from raylib.filters import num_shards, pair_hash
+from raylib.filters import num_consistency_shards, pair_hash
 
 WORDS = "alpha beta gamma delta river mountain cloud engine protein galaxy music harbor".split()
 
@@ -102,7 +102,7 @@ def reference_ranks(good: list[dict], model: str, shard_size: int, top_k: int) -
         groups.setdefault((row["source"], row["language"]), []).append(row)
     out = {}
     for rows in groups.values():
-        shards = num_shards(len(rows), shard_size)
+        shards = num_consistency_shards(len(rows), shard_size)
         by_shard: dict[int, list[dict]] = {}
         for row in rows:
             by_shard.setdefault(pair_hash(row["query"], row["document"]) % shards, []).append(row)

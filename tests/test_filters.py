@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from raylib.filters import (HeuristicConfig, consistency_ranks, document_keys, duplicate_mask,
-                            heuristic_reasons, letter_ratio, num_shards, pair_hash, shard_ids)
+                            heuristic_reasons, letter_ratio, num_consistency_shards, pair_hash, shard_ids)
 
 
 def brute_force_ranks(q_emb: np.ndarray, d_emb: np.ndarray, doc_texts: list[str]) -> np.ndarray:
@@ -94,9 +94,9 @@ def test_letter_ratio_and_duplicates():
 
 
 def test_shards_are_stable_even_and_keep_duplicates_together():
-    assert num_shards(10, 3) == 4 and num_shards(0, 3) == 1 and num_shards(3, 3) == 1
+    assert num_consistency_shards(10, 3) == 4 and num_consistency_shards(0, 3) == 1 and num_consistency_shards(3, 3) == 1
     with pytest.raises(ValueError):
-        num_shards(5, 0)
+        num_consistency_shards(5, 0)
     assert pair_hash("q", "d") == pair_hash("q", "d") != pair_hash("q", "d ")
     qs = [f"query {i}" for i in range(4000)]
     ds = [f"document {i % 1000}" for i in range(4000)]

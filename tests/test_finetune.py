@@ -227,10 +227,10 @@ def test_finetune_job_two_workers_cross_worker_m3_equals_one_batch(tmp_path, ray
         ids += next(r["ids"] for r in step0 if r["step"] == 0)
     # the same rows, one process, the same initial weights: in-batch over all 8 groups
     cfg = load_config(FinetuneJobConfig, "jobs/configs/finetune/debug.yaml", overrides)
-    from raylib.training import load_encoder
+    from raylib.training import build_encoder
 
     torch.manual_seed(cfg.train.seed)
-    encoder = load_encoder(cfg.model, cfg.train.seed)
+    encoder = build_encoder(cfg.model, cfg.train.seed)
     encoder.train()
     objective = cfg.objective
     where = {i: k for k, i in enumerate(rows["id"])}
@@ -272,16 +272,16 @@ def test_length_grouping_tags_sources_by_bucket(tmp_path, ray_session):
 def test_m3_mode_gives_a_dense_checkpoint_fresh_heads(tiny_dir, tmp_path):
     from raylib.config import load_config
     from raylib.jobs.finetune import FinetuneJobConfig
-    from raylib.training import load_encoder
+    from raylib.training import build_encoder
 
     dense_dir = Encoder.from_pretrained(tiny_dir)
     dense_dir.sparse_linear = dense_dir.colbert_linear = None  # a dense model, as minilm is
     path = dense_dir.save_pretrained(tmp_path / "dense")
     assert not Encoder.from_pretrained(path).has_multivector
     dense_cfg = load_config(FinetuneJobConfig, None, [f"model.name_or_path={path}", "objective.mode=dense"])
-    assert not load_encoder(dense_cfg.model).has_sparse
+    assert not build_encoder(dense_cfg.model).has_sparse
     cfg = load_config(FinetuneJobConfig, None, [f"model.name_or_path={path}", "objective.mode=m3"])
-    encoder = load_encoder(cfg.model, seed=0)
+    encoder = build_encoder(cfg.model, seed=0)
     assert encoder.has_sparse and encoder.has_multivector
     out = encoder.encode(["a query"], kind="query", dense=True, sparse=True, multivector=True)
     assert len(out["sparse"]) == 1 and out["multivector"][0].shape[1] == encoder.hidden_size

@@ -116,7 +116,7 @@ def test_sharded_search_equals_one_exact_index():
     docs = rng.normal(size=(500, 16)).astype(np.float32)
     queries = rng.normal(size=(40, 16)).astype(np.float32)
     keys = np.arange(500, dtype=np.int64) * 7919 + 3
-    n = M.num_shards(500, 120)
+    n = M.num_doc_shards(500, 120)
     assert n == 5
     where = M.shard_of(keys, n)
     shards = []
@@ -280,7 +280,7 @@ def test_plan_cpu_counts_host_bytes_and_streaming_docs_so_far():
     assert plan.shards_for(50) == 1 and plan.shards_for(1000) == 10  # documents so far
     # without a byte budget the count-based plan is unchanged
     assert M.plan_shards(1000, 64, M.IndexBudget(), 10, 1, False, max_docs_per_shard=120).num_shards == \
-        M.num_shards(1000, 120) == 9
+        M.num_doc_shards(1000, 120) == 9
 
 
 @pytest.mark.parametrize("oversample", [1.0, 2.0])
@@ -325,7 +325,7 @@ def test_mine_job_plans_shards_from_its_index_budget():
 
     cfg = MineJobConfig()
     assert index_budget(cfg) == M.IndexBudget()  # no budget given: the count-based plan
-    assert shard_plan(cfg, 2_500_000, 384).num_shards == M.num_shards(2_500_000, cfg.max_docs_per_shard)
+    assert shard_plan(cfg, 2_500_000, 384).num_shards == M.num_doc_shards(2_500_000, cfg.max_docs_per_shard)
     cfg.index = M.IndexBudget(memory_bytes=80 * GB, dtype="fp16")  # the `index:` section of mine/h100.yaml
     cfg.max_docs_per_shard = None
     cfg.resources.shard_num_gpus, cfg.resources.mine_batch_size = 1, 4096

@@ -9,7 +9,7 @@ import torch
 
 from peers import require_peer
 from raylib import Encoder
-from raylib.model import truncate_dims
+from raylib.encoding import truncate_dims
 from raylib.scoring import compute_score, lexical_scores, multivector_scores
 from raylib.tiny import save_tiny_encoder, tiny_encoder
 

@@ -15,7 +15,7 @@ import torch
 from raylib.config import load_config
 from raylib.model import Encoder
 from raylib.train_data import iter_steps, make_plan, split_sources, synthetic_pairs
-from raylib.training import build_optimizer, load_encoder, plot_metrics, training_step
+from raylib.training import build_optimizer, build_encoder, plot_metrics, training_step
 from raylib.train_config import ModelSection, TrainSection
 from raylib.objectives.contrastive import ContrastiveObjective
 from raylib.schedule import wsd_factor, wsd_scheduler
@@ -126,7 +126,7 @@ def test_loss_falls_on_learnable_synthetic_task(tmp_path):
     tables = split_sources(table)
     plan = make_plan(tables, global_batch=16, num_workers=1, seed=0, epochs=2)
     t = TrainSection(lr=3e-3, warmup=3, decay=0.3)
-    encoder = load_encoder(ModelSection(name_or_path="tiny", tiny={"hidden_size": 32}), seed=0).train()
+    encoder = build_encoder(ModelSection(name_or_path="tiny", tiny={"hidden_size": 32}), seed=0).train()
     objective = ContrastiveObjective(temperature=0.05, query_max_length=16, document_max_length=32,
                                      matryoshka_dims=[16])
     optimizer = build_optimizer(encoder, t)

@@ -138,7 +138,7 @@ def test_embeddings_equal_in_process_encode_under_concurrent_batching(client, re
 
 def test_openai_client_with_and_without_dimensions(base, reference, backend):
     openai = pytest.importorskip("openai")
-    from raylib.model import truncate_dims
+    from raylib.encoding import truncate_dims
 
     oa = openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0)
     atol = ATOL[backend]

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from raylib.config import parse_job_args
-from raylib.filters import HEURISTICS, HeuristicConfig, num_shards
+from raylib.filters import HEURISTICS, HeuristicConfig, num_consistency_shards
 from raylib.jobs.summary import finish, seconds
 from raylib.model import ModelSpec
 from raylib.storage import filesystem_for, join
@@ -138,7 +138,7 @@ def run(cfg: FilterConfig) -> dict:
 
     # pass 3: heuristics again (pure, per row), shard, embed, rank within shards, write kept
     t0 = time.perf_counter()
-    shards_per_group = {g: num_shards(n, cfg.shard_size) for g, n in survivors.items()}
+    shards_per_group = {g: num_consistency_shards(n, cfg.shard_size) for g, n in survivors.items()}
     total_shards = sum(shards_per_group.values())
     num_survivors = sum(survivors.values())
     _log(f"{num_survivors} pairs in {len(survivors)} (source, language) groups -> {total_shards} shards")

@@ -36,7 +36,7 @@ class Batcher:
         self.model = load_encoder(self.args.model, self.args.backend,
                                   device="cuda" if gpu else "cpu", threads=threads)
         self.max_length = self.args.max_length or self.model.settings.max_length
-        self.device = self.model.device
+        self.device = str(self.model.device)
         # Calls wait in _pending; one model thread takes them in batches and answers each on
         # its caller's event loop. The thread takes its next batch itself as soon as a forward
         # ends: no trip through the (busy) event loop between batches, so the model never idles
@@ -115,7 +115,7 @@ class Batcher:
 
     def _encode_group(self, key: tuple, items: list[dict]) -> list[dict]:
         """Tokenize once (ids and token counts from the same pass), one forward, split per call."""
-        from raylib.model import truncate_dims
+        from raylib.encoding import truncate_dims
 
         kind, dense, sparse, multi, mcls = key
         texts = [t for item in items for t in item["texts"]]

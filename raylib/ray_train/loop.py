@@ -36,7 +36,7 @@ from raylib.storage import filesystem_for, join, read_text
 from raylib.train_config import TrainJobConfig
 from raylib.train_data import PreparedData, iter_prepared_steps, make_plan
 from raylib.training import (METRICS_FILE, TRAIN_STATE, build_optimizer, check_prepared, check_scaling,
-                             is_remote, load_encoder, mean_over_workers, publish_metrics,
+                             is_remote, build_encoder, mean_over_workers, publish_metrics,
                              run_dir, sum_over_workers, train_flops_per_token, training_step,
                              truncate_metrics)
 
@@ -59,7 +59,7 @@ def train_worker(config: dict) -> None:
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
     torch.manual_seed(t.seed)
-    encoder = load_encoder(cfg.model, t.seed)
+    encoder = build_encoder(cfg.model, t.seed)
     if cfg.model.activation_checkpointing:
         encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     encoder.train()
