@@ -88,134 +88,172 @@ def _rate(rows: int, seconds: float) -> float:
     return round(rows / seconds, 1) if seconds > 0 else 0.0
 
 
+@dataclass
+class StatusCounts:
+    """Pass 1's census of the input: every row is rejected, dropped by a heuristic, or survives."""
+
+    num_input: int
+    rejected: dict[str, int]  # reason -> rows
+    dropped: dict[str, int]  # heuristic -> rows
+    survivors: dict[tuple[str, str], int]  # (source, language) -> rows
+
+    @property
+    def num_survivors(self) -> int:
+        return sum(self.survivors.values())
+
+    @classmethod
+    def of(cls, counts: dict[tuple[str, str, str], int]) -> "StatusCounts":
+        """From `consistency.status_counts`' {(status, source, language): rows}."""
+        out = cls(sum(counts.values()), {}, {name: 0 for name in HEURISTICS}, {})
+        for (status, src, language), n in counts.items():
+            if status.startswith("reject:"):
+                reason = status[len("reject:"):]
+                out.rejected[reason] = out.rejected.get(reason, 0) + n
+            elif status:
+                out.dropped[status] += n
+            else:
+                out.survivors[(src, language)] = out.survivors.get((src, language), 0) + n
+        return out
+
+
+class Stages:
+    """Wall time and rows of each pass, for the summary's throughput section."""
+
+    def __init__(self) -> None:
+        self.report: dict[str, dict] = {}
+        self.t0 = time.perf_counter()
+
+    def done(self, name: str, rows: int) -> None:
+        dt = time.perf_counter() - self.t0
+        self.report[name] = {"rows": rows, "seconds": round(dt, 2), "rows_per_s": _rate(rows, dt)}
+        _log(f"{name}: {rows} rows in {dt:.1f}s")
+        self.t0 = time.perf_counter()
+
+
 def run(cfg: FilterConfig) -> dict:
     """Run the curation job; writes <output>/summary.json, prints the report, returns the summary."""
-    import pyarrow as pa
-
     import ray
     from raylib.ray_env import init_data_ray
     from raylib.ray_data import consistency as cons
-    from raylib.ray_data.embed import embed
     from raylib.ray_data.io import read_table, split_rejects, write_parquet
-    from raylib.reader import ROWS_PER_BATCH, count_rows, value_counts
+    from raylib.reader import count_rows, value_counts
 
     init_data_ray(cfg.local_num_cpus, cfg.block_mib)
-    t_start = time.perf_counter()
-    stages: dict[str, dict] = {}
-
-    def stage(name: str, rows: int, t0: float) -> None:
-        dt = time.perf_counter() - t0
-        stages[name] = {"rows": rows, "seconds": round(dt, 2), "rows_per_s": _rate(rows, dt)}
-        _log(f"{name}: {rows} rows in {dt:.1f}s")
+    t_start, stages = time.perf_counter(), Stages()
 
     def source() -> "ray.data.Dataset":
         return read_table(cfg.input, override_num_blocks=cfg.read_blocks)
 
     # pass 1: count every input row by status (reject reason / heuristic / kept) and group
-    t0 = time.perf_counter()
-    counts = cons.status_counts(source(), REQUIRED, cfg.max_chars, cfg.heuristics)
-    num_input = sum(counts.values())
-    rejected: dict[str, int] = {}
-    dropped = {name: 0 for name in HEURISTICS}
-    survivors: dict[tuple[str, str], int] = {}
-    for (status, src, language), n in counts.items():
-        if status.startswith("reject:"):
-            reason = status[len("reject:"):]
-            rejected[reason] = rejected.get(reason, 0) + n
-        elif status:
-            dropped[status] += n
-        else:
-            survivors[(src, language)] = survivors.get((src, language), 0) + n
-    stage("count_and_heuristics", num_input, t0)
-
+    counts = StatusCounts.of(cons.status_counts(source(), REQUIRED, cfg.max_chars, cfg.heuristics))
+    stages.done("count_and_heuristics", counts.num_input)
     # pass 2: write the rejects with their reason
-    t0 = time.perf_counter()
     good, bad = split_rejects(source(), REQUIRED, cfg.max_chars)
     write_parquet(bad, cfg.rejects)
     written = value_counts(cfg.rejects, "reason")
-    assert written == rejected, (written, rejected)  # what was written is what was counted
-    stage("write_rejects", num_input, t0)
-
+    assert written == counts.rejected, (written, counts.rejected)  # written is what was counted
+    stages.done("write_rejects", counts.num_input)
     # pass 3: heuristics again (pure, per row), shard, embed, rank within shards, write kept
-    t0 = time.perf_counter()
-    shards_per_group = {g: num_consistency_shards(n, cfg.shard_size) for g, n in survivors.items()}
-    total_shards = sum(shards_per_group.values())
-    num_survivors = sum(survivors.values())
-    _log(f"{num_survivors} pairs in {len(survivors)} (source, language) groups -> {total_shards} shards")
+    shards_per_group = {g: num_consistency_shards(n, cfg.shard_size)
+                        for g, n in counts.survivors.items()}
+    _log(f"{counts.num_survivors} pairs in {len(shards_per_group)} (source, language) groups -> "
+         f"{sum(shards_per_group.values())} shards")
     stats = cons.CurationStats.remote()
-    if num_survivors:
-        def keep_unflagged(table: pa.Table) -> pa.Table:
-            return table.filter(table.column(cons.STATUS).is_null())
+    if counts.num_survivors:
+        _curate(good, cfg, shards_per_group, stats, stages, counts.num_survivors)
+    num_kept = count_rows(cfg.kept) if counts.num_survivors else 0
+    totals = cons.summarize_shards(ray.get(stats.get.remote()))
+    stages.done("rank_and_write", counts.num_survivors)
+    summary = _summary(cfg, counts, totals, num_kept, sum(shards_per_group.values()), stages.report,
+                       time.perf_counter() - t_start)
+    return finish("filter", summary, cfg.output, _report_lines(cfg, summary))
 
-        ds = cons.annotate_heuristics(good, cfg.heuristics)
-        ds = ds.map_batches(keep_unflagged, batch_format="pyarrow", batch_size=ROWS_PER_BATCH)
-        ds = cons.assign_shards(ds, shards_per_group)
-        gpu = cfg.num_gpus_per_actor > 0
-        if cfg.consistency:
-            ds = embed(ds, model=cfg.model, column="query", kind="query", output_column="_q_emb",
-                       max_length=cfg.query_max_tokens,
-                       also=[("document", "document", "_d_emb", cfg.document_max_tokens)],
-                       concurrency=cfg.concurrency, num_gpus=cfg.num_gpus_per_actor,
-                       batch_size=cfg.batch_size, num_cpus=cfg.num_cpus_per_actor,
-                       rows_per_call=cfg.rows_per_call, num_threads=cfg.num_threads_per_actor,
-                       tokenize_upstream=cfg.tokenize_upstream,
-                       stats=stats)
-        emb_columns = ["_q_emb", "_d_emb"] if cfg.consistency else []
-        scratch_fs, scratch_root = filesystem_for(cfg.scratch)
-        parts = ds.drop_columns([cons.STATUS]).map_batches(
-            cons.write_shard_parts, fn_args=(scratch_fs, scratch_root, emb_columns), batch_format="pyarrow",
-            batch_size=cfg.scratch_batch_rows)
-        manifest = cons.shard_manifest(parts)
-        stage("embed_and_write_parts", num_survivors, t0)
-        t0 = time.perf_counter()
-        ranked = cons.filter_shards(manifest, scratch_fs, cfg.top_k if cfg.consistency else None,
-                                    cfg.heuristics.duplicate, stats, num_cpus=cfg.num_cpus_per_shard,
-                                    num_gpus=cfg.num_gpus_per_actor if gpu else None,
-                                    use_gpu=None if gpu else False)
-        write_parquet(ranked, cfg.kept)
-        if not cfg.keep_scratch:
-            cons.delete_scratch(cfg.scratch)
-    num_kept = count_rows(cfg.kept) if num_survivors else 0
-    shard_stats = ray.get(stats.get.remote())
-    totals = cons.summarize_shards(shard_stats)
-    stage("rank_and_write", num_survivors, t0)
-    dropped["duplicate"] += totals["duplicate"]
-    recs = list(shard_stats["embed"].values())
-    rows, secs = sum(r for r, _ in recs), sum(s for _, s in recs)
-    if rows:  # query + document encoded per pair
-        stages["embed_pairs"] = {"rows": rows, "actor_seconds": round(secs, 2),
-                                 "rows_per_s_per_actor": _rate(rows, secs)}
+
+def _curate(good: "ray.data.Dataset", cfg: FilterConfig, shards_per_group: dict[tuple[str, str], int],
+            stats: "ray.actor.ActorHandle", stages: Stages, num_survivors: int) -> None:
+    """Pass 3: drop flagged rows, shard, embed both columns, write shard parts, then rank each
+    shard (exact duplicates, top-k consistency) and write its kept pairs."""
+    import pyarrow as pa
+
+    from raylib.ray_data import consistency as cons
+    from raylib.ray_data.embed import embed
+    from raylib.ray_data.io import write_parquet
+    from raylib.reader import ROWS_PER_BATCH
+
+    def keep_unflagged(table: pa.Table) -> pa.Table:
+        return table.filter(table.column(cons.STATUS).is_null())
+
+    ds = cons.annotate_heuristics(good, cfg.heuristics)
+    ds = ds.map_batches(keep_unflagged, batch_format="pyarrow", batch_size=ROWS_PER_BATCH)
+    ds = cons.assign_shards(ds, shards_per_group)
+    gpu = cfg.num_gpus_per_actor > 0
+    if cfg.consistency:
+        ds = embed(ds, model=cfg.model, column="query", kind="query", output_column="_q_emb",
+                   max_length=cfg.query_max_tokens,
+                   also=[("document", "document", "_d_emb", cfg.document_max_tokens)],
+                   concurrency=cfg.concurrency, num_gpus=cfg.num_gpus_per_actor,
+                   batch_size=cfg.batch_size, num_cpus=cfg.num_cpus_per_actor,
+                   rows_per_call=cfg.rows_per_call, num_threads=cfg.num_threads_per_actor,
+                   tokenize_upstream=cfg.tokenize_upstream, stats=stats)
+    emb_columns = ["_q_emb", "_d_emb"] if cfg.consistency else []
+    scratch_fs, scratch_root = filesystem_for(cfg.scratch)
+    parts = ds.drop_columns([cons.STATUS]).map_batches(
+        cons.write_shard_parts, fn_args=(scratch_fs, scratch_root, emb_columns),
+        batch_format="pyarrow", batch_size=cfg.scratch_batch_rows)
+    manifest = cons.shard_manifest(parts)
+    stages.done("embed_and_write_parts", num_survivors)
+    ranked = cons.filter_shards(manifest, scratch_fs, cfg.top_k if cfg.consistency else None,
+                                cfg.heuristics.duplicate, stats, num_cpus=cfg.num_cpus_per_shard,
+                                num_gpus=cfg.num_gpus_per_actor if gpu else None,
+                                use_gpu=None if gpu else False)
+    write_parquet(ranked, cfg.kept)
+    if not cfg.keep_scratch:
+        cons.delete_scratch(cfg.scratch)
+
+
+def _summary(cfg: FilterConfig, counts: StatusCounts, totals: dict, num_kept: int,
+             planned_shards: int, stages: dict[str, dict], seconds_total: float) -> dict:
+    """The job's summary.json; asserts that every input row is accounted for exactly once."""
+    dropped = {**counts.dropped, "duplicate": counts.dropped["duplicate"] + totals["duplicate"]}
+    if totals["embed_rows"]:  # query + document encoded per pair
+        stages["embed_pairs"] = {"rows": totals["embed_rows"],
+                                 "actor_seconds": round(totals["embed_seconds"], 2),
+                                 "rows_per_s_per_actor": _rate(totals["embed_rows"],
+                                                               totals["embed_seconds"])}
     stages["rank_shards"] = {"rows": totals["pairs"], "task_seconds": round(totals["seconds"], 2),
                              "rows_per_s_per_task": _rate(totals["pairs"], totals["seconds"])}
-
     summary = {
-        "input": num_input,
-        "rejected": sum(rejected.values()),
-        "rejected_by_reason": dict(sorted(rejected.items())),
+        "input": counts.num_input,
+        "rejected": sum(counts.rejected.values()),
+        "rejected_by_reason": dict(sorted(counts.rejected.items())),
         "dropped_by_heuristic": dropped,
         "dropped_by_consistency": totals["consistency"],
         "kept": num_kept,
-        "shards": {"count": totals["num_shards"], "planned": total_shards,
+        "shards": {"count": totals["num_shards"], "planned": planned_shards,
                    "min_pairs": totals["shard_pairs_min"], "max_pairs": totals["shard_pairs_max"]},
         "throughput": stages,
-        "seconds": round(time.perf_counter() - t_start, 2),
+        "seconds": round(seconds_total, 2),
         "outputs": {"kept": cfg.kept, "rejects": cfg.rejects},
         "config": asdict(cfg),
     }
-    # invariants: every input row is accounted for exactly once
-    assert totals["pairs"] == num_survivors, (totals["pairs"], num_survivors)
+    assert totals["pairs"] == counts.num_survivors, (totals["pairs"], counts.num_survivors)
     assert totals["kept"] == num_kept, (totals["kept"], num_kept)
     assert (summary["rejected"] + sum(dropped.values()) + summary["dropped_by_consistency"]
-            + num_kept == num_input), summary
-    summary["pairs_per_s"] = _rate(num_input, summary["seconds"])
-    lines = [f"{num_input} pairs in, {num_kept} kept -> {cfg.kept}",
-             f"rejected {summary['rejected']} {summary['rejected_by_reason']} -> {cfg.rejects}",
-             f"dropped by heuristics {sum(dropped.values())} "
-             f"{ {k: v for k, v in dropped.items() if v} }, by consistency (top {cfg.top_k}) "
-             f"{summary['dropped_by_consistency']}",
-             f"{totals['num_shards']} shards; {seconds(summary['seconds'])} "
-             f"({summary['pairs_per_s']} pairs/s)"]
-    return finish("filter", summary, cfg.output, lines)
+            + num_kept == counts.num_input), summary
+    summary["pairs_per_s"] = _rate(counts.num_input, summary["seconds"])
+    return summary
+
+
+def _report_lines(cfg: FilterConfig, summary: dict) -> list[str]:
+    """The human-readable report printed before the JSON line."""
+    dropped = summary["dropped_by_heuristic"]
+    return [f"{summary['input']} pairs in, {summary['kept']} kept -> {cfg.kept}",
+            f"rejected {summary['rejected']} {summary['rejected_by_reason']} -> {cfg.rejects}",
+            f"dropped by heuristics {sum(dropped.values())} "
+            f"{ {k: v for k, v in dropped.items() if v} }, by consistency (top {cfg.top_k}) "
+            f"{summary['dropped_by_consistency']}",
+            f"{summary['shards']['count']} shards; {seconds(summary['seconds'])} "
+            f"({summary['pairs_per_s']} pairs/s)"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -277,6 +277,9 @@ def summarize_shards(stats: dict) -> dict[str, Any]:
     sizes = [s["pairs"] for s in shards]
     total["shard_pairs_min"] = min(sizes) if sizes else 0
     total["shard_pairs_max"] = max(sizes) if sizes else 0
+    embeds = stats["embed"].values()  # (rows, actor seconds) per embedding actor
+    total["embed_rows"] = sum(r for r, _ in embeds)
+    total["embed_seconds"] = sum(s for _, s in embeds)
     return total
 
 
