@@ -11,16 +11,13 @@ stdout line: one JSON object of texts/s per runtime and each one's ratio to torc
 """
 
 import argparse
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from toolkit import emit, scifact_texts
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -72,14 +69,13 @@ def main() -> None:
 
     from raylib.backends import load_encoder
     from raylib.registry import resolve_model_path
-    from serve_bench import load_texts
 
     torch.set_num_threads(args.threads)
     encoder = load_encoder(args.model, "torch", device="cpu", threads=args.threads)
     for backend in ("onnx", "onnx-int8"):  # exports the graphs beside the model if absent
         load_encoder(args.model, backend, device="cpu", threads=args.threads)
     graphs = Path(resolve_model_path(args.model)) / "onnx"
-    ids = encoder.tokenize(load_texts(args.texts, args.max_chars), "document",
+    ids = encoder.tokenize(scifact_texts(args.texts, args.max_chars), "document",
                            encoder.settings.max_length, padding=False)["input_ids"]
     batches = padded_batches(ids, args.batch)
     report: dict = {"model": args.model, "texts": len(ids), "batch": args.batch,
@@ -116,7 +112,7 @@ def main() -> None:
     report["texts_per_s"] = {k: round(v, 1) for k, v in rates.items()}
     for k, v in report["texts_per_s"].items():
         print(f"{k:34s} {v:8.1f} texts/s  {report['vs_torch'][k]:5.2f}x torch", flush=True)
-    print(json.dumps(report))
+    emit(__file__, report)
 
 
 if __name__ == "__main__":

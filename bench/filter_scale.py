@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from toolkit import MIB, ROOT, MemorySampler, emit
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -67,65 +66,38 @@ def make_pairs(n: int, out_dir: Path, seed: int, rows_per_file: int = 50_000) ->
     return files
 
 
-class WorkerMemory:
-    """Samples RSS of every process under this session's raylet (the Ray workers)."""
+def worker_title(proc) -> str | None:
+    """A Ray worker's process title (ray::<task or actor>), None for any other process."""
+    title = " ".join(proc.cmdline())[:60]
+    return title if title.startswith("ray::") else None
 
-    def __init__(self, interval: float = 0.5):
-        import psutil
-        import ray
 
-        node = ray._private.worker._global_node
-        self.raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-        self.interval, self.peak, self.peak_uss_like = interval, {}, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+def worker_memory() -> MemorySampler:
+    """Samples every 0.5 s the Ray workers under this session's raylet."""
+    import ray
 
-    def _run(self) -> None:
-        import psutil
+    node = ray._private.worker._global_node
+    raylet = node.all_processes["raylet"][0].process.pid
+    return MemorySampler(500, children=True, root_pid=raylet, label=worker_title)
 
-        while not self._stop.is_set():
-            try:
-                children = self.raylet.children(recursive=True)
-            except psutil.Error:
-                children = []
-            for proc in children:
-                try:
-                    title = " ".join(proc.cmdline())[:60]
-                    mem = proc.memory_info()
-                except psutil.Error:
-                    continue
-                if not title.startswith("ray::"):
-                    continue
-                private = mem.rss - getattr(mem, "shared", 0)
-                if mem.rss > self.peak.get(proc.pid, (0, ""))[0]:
-                    self.peak[proc.pid] = (mem.rss, title)
-                if private > self.peak_uss_like.get(proc.pid, (0, ""))[0]:
-                    self.peak_uss_like[proc.pid] = (private, title)
-            self._stop.wait(self.interval)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
+def memory_summary(mem: MemorySampler) -> dict:
+    """The largest worker's peak RSS and private memory, with its title at that peak."""
+    peak, peak_private = mem.by_pid("rss"), mem.by_pid("private")
+    rss = max(peak.values(), default=(0, ""))
+    private = max(peak_private.values(), default=(0, ""))
+    return {"peak_worker_rss_mib": round(rss[0] / MIB, 1), "peak_rss_worker": rss[1],
+            "peak_worker_private_mib": round(private[0] / MIB, 1), "peak_private_worker": private[1],
+            "workers_seen": len(peak), "peak_private_mib_by_stage": by_stage(peak_private)}
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
-    def summary(self) -> dict:
-        mib = 1 << 20
-        rss = max(self.peak.values(), default=(0, ""))
-        private = max(self.peak_uss_like.values(), default=(0, ""))
-        return {"peak_worker_rss_mib": round(rss[0] / mib, 1), "peak_rss_worker": rss[1],
-                "peak_worker_private_mib": round(private[0] / mib, 1), "peak_private_worker": private[1],
-                "workers_seen": len(self.peak), "peak_private_mib_by_stage": self.by_stage()}
-
-    def by_stage(self) -> dict[str, float]:
-        """Peak private MiB per worker kind (the process title at its peak, e.g. the embed actor)."""
-        out: dict[str, float] = {}
-        for size, title in self.peak_uss_like.values():
-            name = title.removeprefix("ray::").strip()[:40]
-            out[name] = max(out.get(name, 0.0), round(size / (1 << 20), 1))
-        return dict(sorted(out.items(), key=lambda kv: -kv[1])[:6])
+def by_stage(peak_private: dict[int, tuple[int, str]]) -> dict[str, float]:
+    """Peak private MiB per worker kind (the process title at its peak, e.g. the embed actor)."""
+    out: dict[str, float] = {}
+    for size, title in peak_private.values():
+        name = title.removeprefix("ray::").strip()[:40]
+        out[name] = max(out.get(name, 0.0), round(size / MIB, 1))
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:6])
 
 
 def _ray_encode(table, model: str, threads: int, batch_size: int, rows_per_call: int,
@@ -257,13 +229,13 @@ def main() -> dict:
             f"top_k={args.top_k}", f"batch_size={args.batch_size}", f"rows_per_call={args.rows_per_call}",
             f"num_threads_per_actor={args.threads}", "document_max_tokens=128", "read_blocks=null",
             "max_chars=100000"])
-        with WorkerMemory() as mem:
+        with worker_memory() as mem:
             start = time.perf_counter()
             summary = run(cfg)
             wall = time.perf_counter() - start
         row = {"pairs": n, "files": len(files), "seconds": round(wall, 1),
                "pairs_per_s": round(n / wall, 1), "shards": summary["shards"],
-               "kept": summary["kept"], "throughput": summary["throughput"], **mem.summary()}
+               "kept": summary["kept"], "throughput": summary["throughput"], **memory_summary(mem)}
         print(json.dumps(row), flush=True)
         results["runs"].append(row)
         if n == sizes[0]:
@@ -278,7 +250,7 @@ def main() -> dict:
               f"{row['peak_worker_rss_mib']} MiB (private {row['peak_worker_private_mib']} MiB)")
     if "encode" in results:
         print_encode(results["encode"])
-    print(json.dumps(results))
+    emit(__file__, results)
     return results
 
 

@@ -15,20 +15,17 @@ Last stdout line is JSON: {"sizes": {"<n>": {"peak_mib", "embeddings_mib", "rati
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
+from toolkit import MIB, emit, report_to_parent, run_per_size
 
 PAPER_PAIRS = 3_000_000
 H100_FP32_TFLOPS = 67.0     # H100 SXM5 dense FP32 (non-tensor) peak; FAISS flat search is a fp32 GEMM
 H100_FRACTION = 0.5         # assumed sustained fraction of that peak for the blocked GEMM + top-k
 H100_BYTES = 80 * 10**9
 FAISS_GPU_TEMP = 1536 << 20  # StandardGpuResources' default temporary memory (1.5 GiB cap)
-MIB = 1 << 20
 
 
 def rss_peak_bytes() -> int:
@@ -115,6 +112,15 @@ def extrapolate(results: dict[int, dict], dim: int, top_k: int) -> dict:
     }
 
 
+def print_size(n: int, r: dict, dim: int) -> None:
+    """One size's line: peak against the goal, imports, bytes per pair, seconds."""
+    print(f"n={n:>9,} d={dim}: peak {r['peak_mib']:,.0f} MiB = {r['ratio']:.2f} x embeddings "
+          f"({r['embeddings_mib']:,.0f} MiB; goal <= {r['goal_mib']:,.0f} MiB: "
+          f"{'ok' if r['meets_goal'] else 'MISSED'}), imports {r['import_mib']:.0f} MiB, "
+          f"{r['bytes_per_pair_over_imports']:,.0f} B/pair over imports "
+          f"(bound {r['bound_bytes_per_pair']:,}), {r['seconds']:.1f} s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="100000,300000")
@@ -124,21 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child is not None:
-        print(json.dumps(child(a.child, a.dim, a.top_k, a.seed)))
+        report_to_parent(child(a.child, a.dim, a.top_k, a.seed))
         return {}
-    results: dict[int, dict] = {}
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
-    for n in [int(s) for s in a.sizes.split(",") if s]:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--dim", str(a.dim),
-                              "--top-k", str(a.top_k), "--seed", str(a.seed)],
-                             check=True, capture_output=True, text=True, env=env)
-        results[n] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = results[n]
-        print(f"n={n:>9,} d={a.dim}: peak {r['peak_mib']:,.0f} MiB = {r['ratio']:.2f} x embeddings "
-              f"({r['embeddings_mib']:,.0f} MiB; goal <= {r['goal_mib']:,.0f} MiB: "
-              f"{'ok' if r['meets_goal'] else 'MISSED'}), imports {r['import_mib']:.0f} MiB, "
-              f"{r['bytes_per_pair_over_imports']:,.0f} B/pair over imports "
-              f"(bound {r['bound_bytes_per_pair']:,}), {r['seconds']:.1f} s", flush=True)
+    sizes = [int(s) for s in a.sizes.split(",") if s]
+    rows = run_per_size(__file__, sizes, ["--dim", a.dim, "--top-k", a.top_k, "--seed", a.seed], env=env,
+                        each=lambda n, r: print_size(n, r, a.dim))
+    results: dict[int, dict] = dict(zip(sizes, rows))
     ext = extrapolate(results, a.dim, a.top_k) if results else {}
     if ext:
         print(f"3M pairs x d={a.dim}: host peak ~{ext['host_peak_gib']} GiB "
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"~{ext['h100_seconds']} s on one H100 at {H100_FRACTION:.0%} of "
               f"{H100_FP32_TFLOPS} TFLOP/s fp32 (GPU memory {ext['h100_gpu_bytes_gib']} GiB of 80 GB)")
     summary = {"sizes": {str(n): r for n, r in results.items()}, "extrapolated_3m": ext}
-    print(json.dumps(summary))
+    emit(__file__, summary)
     return summary
 
 

@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from toolkit import SHARED_DATA, emit
 
 from raylib.beir import load_beir
 from raylib.metrics import evaluate
@@ -38,8 +38,6 @@ from raylib.mining import KEPT, NegativeRule, mine_in_memory
 from raylib.encoding import truncate_dims
 from raylib.model import Encoder
 from raylib.search import exact_search
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data
 
 
 def dense_ndcg(encoder: Encoder, data, doc_emb: np.ndarray, dim: int | None = None) -> float:
@@ -223,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", choices=sorted(RECIPES), default="base",
                    help="hyperparameter defaults (RECIPES); any flag below overrides them")
-    p.add_argument("--data", default=str(SHARED / "scifact"))
+    p.add_argument("--data", default=str(SHARED_DATA / "scifact"))
     p.add_argument("--out", default="runs/bench_scifact")
     p.add_argument("--negatives", type=int, help="hard negatives per group in training")
     p.add_argument("--mine-negatives", type=int, default=7,
@@ -303,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "steps": summary["plan"]["total_steps"], "final_train_metrics": summary["metrics"],
                    "checkpoint": str(summary["checkpoint"]), "args": vars(args), "timings": timings,
                    "seconds": round(time.time() - start, 1)})
-    print(json.dumps(result, default=str))
+    emit(__file__, result)
     return result
 
 

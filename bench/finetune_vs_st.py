@@ -23,19 +23,15 @@ stdout line is a JSON with `ours`, `st`, `ours_vs_st` (ours / theirs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from finetune_scifact import RECIPES, _ints, batch_order, dense_ndcg, finetune, finetune_config, prepare
+from toolkit import SHARED_DATA, emit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_scifact import (RECIPES, SHARED, _ints, batch_order, dense_ndcg,  # noqa: E402
-                              finetune, finetune_config, prepare)
-
-from raylib.model import Encoder  # noqa: E402
+from raylib.model import Encoder
 
 
 def st_columns(table: dict, steps: list[np.ndarray], num_negatives: int) -> dict[str, list[str]]:
@@ -101,7 +97,7 @@ def train_st(cols: dict, args, total: int, decay_steps: int, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     base = RECIPES["base"]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(SHARED / "scifact"))
+    p.add_argument("--data", default=str(SHARED_DATA / "scifact"))
     p.add_argument("--out", default="runs/bench_scifact")
     p.add_argument("--negatives", type=int, default=base["negatives"])
     p.add_argument("--mine-negatives", type=int, default=7)
@@ -188,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "ours" in result and "st" in result:
         result["ours_vs_st"] = round(result["ours"] / result["st"], 4)
     result.update({"args": vars(args), "timings": timings, "seconds": round(time.time() - start, 1)})
-    print(json.dumps(result, default=str))
+    emit(__file__, result)
     return result
 
 

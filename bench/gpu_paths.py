@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
+from toolkit import emit
 
 from raylib.gradcache import forward_backward
 from raylib.losses.infonce import info_nce
@@ -134,7 +133,7 @@ def main() -> None:
                "gradcache_bf16": gradcache_parity(shape, "cuda")}
         out[shape] = row
         print(shape, json.dumps(row), flush=True)
-    print(json.dumps(out))
+    emit(__file__, out)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -17,7 +17,6 @@ nothing: only the numbers are compared. Last stdout line: JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -26,9 +25,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from toolkit import SHARED_DATA, emit
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / ".." / "shared" / "data" / "scifact"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -104,16 +102,16 @@ def main() -> dict:
     from raylib.backends import INT8_RECIPE
     from raylib.tiny import save_tiny_encoder
 
-    data = load_beir(DATA, split="test")
+    data = load_beir(SHARED_DATA / "scifact", split="test")
     texts = (list(data.queries.values()) + data.doc_texts())[:args.texts]
-    result = {"bench": "int8_isa", "host_cpu_flags": cpu_flags(), "emulated_cpu": args.cpu,
+    result = {"host_cpu_flags": cpu_flags(), "emulated_cpu": args.cpu,
               "int8_recipe": INT8_RECIPE, "texts": len(texts)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         result[args.model] = compare(args.model, texts, qemu, args.cpu, tmp)
         tiny = save_tiny_encoder(tmp / "tiny_m3", m3_heads=True)
         result["tiny_m3"] = compare(str(tiny), texts, qemu, args.cpu, tmp)
-    print(json.dumps(result))
+    emit(__file__, result)
     return result
 
 

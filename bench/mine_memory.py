@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from toolkit import ROOT, MemorySampler, emit, report_to_parent, run_per_size
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
 
 MB = 1 << 20
 WORDS = [f"{a}{b}" for a in "bcdfghklmnprstvz" for b in ("a", "e", "i", "o", "u", "ar", "en", "ol")]
@@ -47,34 +45,6 @@ def role(proc) -> str:
     if name.startswith("ray::"):
         return "ray_worker"
     return "ray_system"
-
-
-class Sampler(threading.Thread):
-    def __init__(self, period: float = 0.5):
-        super().__init__(daemon=True)
-        import psutil
-
-        self.psutil, self.period = psutil, period
-        self.peak_rss: dict[str, int] = {}
-        self.peak_private: dict[str, int] = {}  # RSS minus shared pages (the mapped object store)
-        self.peak_pss_total = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        me = self.psutil.Process()
-        while not self.stop.is_set():
-            total = 0
-            for p in [me] + me.children(recursive=True):
-                try:
-                    info = p.memory_full_info()
-                except Exception:
-                    continue
-                r = role(p)
-                self.peak_rss[r] = max(self.peak_rss.get(r, 0), info.rss)
-                self.peak_private[r] = max(self.peak_private.get(r, 0), info.rss - info.shared)
-                total += getattr(info, "pss", info.rss)
-            self.peak_pss_total = max(self.peak_pss_total, total)
-            self.stop.wait(self.period)
 
 
 def make_data(root: Path, n_docs: int, n_queries: int, seed: int = 0) -> tuple[Path, Path]:
@@ -120,30 +90,36 @@ def one(n_docs: int, n_queries: int, shard: int, dim: int) -> dict:
         corpus, pairs = make_data(tmp, n_docs, n_queries)
         gen_s = time.time() - t0
         init_data_ray(8, log_to_driver=False, object_store_memory=2 * 1024 * MB)
-        sampler = Sampler()
-        sampler.start()
-        t0 = time.time()
-        summary = main(["--config", str(ROOT / "jobs/configs/mine/debug.yaml"),
-                        "--set", f"teacher={model}", "--set", f"input.path={pairs}",
-                        "--set", f"input.corpus={corpus}", "--set", f"max_docs_per_shard={shard}",
-                        "--set", "candidates=50", "--set", "num_negatives=10",
-                        "--set", "strategy=topk_abs", "--set", "max_score=0.9999",
-                        "--set", "too_few=pad",
-                        "--set", "resources.embed_batch_size=256",
-                        "--set", "resources.corpus_batch_size=8192",
-                        "--set", f"output={tmp / 'mine'}"])
-        run_s = time.time() - t0
-        sampler.stop.set()
-        sampler.join()
+        # every process of this Ray, twice a second; private = RSS minus the mapped object store
+        with MemorySampler(500, children=True, label=role, pss=True) as sampler:
+            t0 = time.time()
+            summary = main(["--config", str(ROOT / "jobs/configs/mine/debug.yaml"),
+                            "--set", f"teacher={model}", "--set", f"input.path={pairs}",
+                            "--set", f"input.corpus={corpus}", "--set", f"max_docs_per_shard={shard}",
+                            "--set", "candidates=50", "--set", "num_negatives=10",
+                            "--set", "strategy=topk_abs", "--set", "max_score=0.9999",
+                            "--set", "too_few=pad",
+                            "--set", "resources.embed_batch_size=256",
+                            "--set", "resources.corpus_batch_size=8192",
+                            "--set", f"output={tmp / 'mine'}"])
+            run_s = time.time() - t0
         ray.shutdown()
     return {"docs": n_docs, "queries": n_queries, "shards": summary["corpus"]["shards"],
             "max_docs_in_a_shard": summary["corpus"]["max_docs_in_a_shard"],
             "kept": summary["counts"]["kept"], "seconds": round(run_s, 1), "gen_seconds": round(gen_s, 1),
-            "peak_rss_mb": {k: round(v / MB) for k, v in sorted(sampler.peak_rss.items())},
-            "peak_private_mb": {k: round(v / MB) for k, v in sorted(sampler.peak_private.items())},
-            "peak_pss_total_mb": round(sampler.peak_pss_total / MB),
+            "peak_rss_mb": {k: round(v / MB) for k, v in sorted(sampler.by_label("rss").items())},
+            "peak_private_mb": {k: round(v / MB) for k, v in sorted(sampler.by_label("private").items())},
+            "peak_pss_total_mb": round(sampler.total_peak / MB),
             "corpus_embeddings_mb": round(n_docs * dim * 4 / MB),
             "full_score_matrix_mb": round(n_queries * n_docs * 4 / MB)}
+
+
+def print_row(n: int, row: dict) -> None:
+    """One size's line (nothing for a failed size: its stderr tail is already printed)."""
+    if "error" not in row:
+        print(f"{n:>9} docs: {row['shards']} shards, {row['seconds']} s, peak RSS MB "
+              f"{row['peak_rss_mb']}, private MB {row['peak_private_mb']}, total PSS {row['peak_pss_total_mb']} MB "
+              f"(a full score matrix would be {row['full_score_matrix_mb']} MB)", flush=True)
 
 
 def main() -> None:
@@ -155,24 +131,12 @@ def main() -> None:
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(args.one, args.queries, args.shard, args.dim)), flush=True)
+        report_to_parent(one(args.one, args.queries, args.shard, args.dim))
         return
-    rows = []
-    for n in [int(s) for s in args.sizes.split(",")]:
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--queries", str(args.queries),
-                              "--shard", str(args.shard), "--dim", str(args.dim)],
-                             capture_output=True, text=True)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode or not line:
-            print(out.stderr[-3000:], file=sys.stderr)
-            rows.append({"docs": n, "error": f"exit {out.returncode}"})
-            continue
-        row = json.loads(line[-1][7:])
-        rows.append(row)
-        print(f"{n:>9} docs: {row['shards']} shards, {row['seconds']} s, peak RSS MB "
-              f"{row['peak_rss_mb']}, private MB {row['peak_private_mb']}, total PSS {row['peak_pss_total_mb']} MB "
-              f"(a full score matrix would be {row['full_score_matrix_mb']} MB)", flush=True)
-    print(json.dumps({"bench": "mine_memory", "rows": rows}))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = run_per_size(__file__, sizes, ["--queries", args.queries, "--shard", args.shard, "--dim", args.dim],
+                        flag="--one", keep_going=True, each=print_row)
+    emit(__file__, {"rows": [{"docs": n, **r} if "error" in r else r for n, r in zip(sizes, rows)]})
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ version; the JSON names the installed one):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -43,10 +42,10 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
 
 import numpy as np
 import pyarrow.parquet as pq
+from toolkit import ROOT, SHARED_DATA, emit
 
 from raylib.beir import document_text, load_beir
 
@@ -58,12 +57,7 @@ def run_st(data, k: int, n: int, ratio: float) -> tuple[dict[str, set], float]:
 
     from raylib.registry import resolve_model_path
 
-    queries, docs = [], []
-    for qid, rel in data.qrels.items():
-        for did, grade in rel.items():
-            if grade > 0 and qid in data.queries and did in data.corpus:
-                queries.append(data.queries[qid])
-                docs.append(document_text(data.corpus[did]))
+    queries, docs = pairs_of(data)
     corpus = [document_text(d) for d in data.corpus.values()]
     model = SentenceTransformer(str(resolve_model_path("minilm")), device="cpu")
     start = time.time()
@@ -97,6 +91,7 @@ def run_ours(data_dir: str, k: int, n: int, ratio: float, max_pos: int, out: Pat
 
 
 def pairs_of(data) -> tuple[list[str], list[str]]:
+    """(query texts, positive document texts) of every positive qrel, one entry per pair."""
     queries, docs = [], []
     for qid, rel in data.qrels.items():
         for did, grade in rel.items():
@@ -160,7 +155,7 @@ def shared_embeddings(data, k: int, n: int, ratio: float, max_pos: int, max_leng
 
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(ROOT.parent / "shared/data/scifact"))
+    p.add_argument("--data", default=str(SHARED_DATA / "scifact"))
     p.add_argument("--k", type=int, default=50, help="ST range_max")
     p.add_argument("--n", type=int, default=10, help="num_negatives")
     p.add_argument("--ratio", type=float, default=0.95, help="max_pos_ratio = 1 - relative_margin")
@@ -203,7 +198,7 @@ def main() -> dict:
     for q in diff[:10]:
         a, b = st.get(q, set()), ours.get(q, set())
         print(f"DIFF {q[:60]!r}: st {len(a)} ours {len(b)} common {len(a & b)}", file=sys.stderr)
-    result = {"bench": "mine_parity_st", "mode": "job" if args.job else "shared_embeddings",
+    result = {"mode": "job" if args.job else "shared_embeddings",
               "queries": len(queries), "corpus": len(data.corpus), "identical_sets": len(same),
               "agreement": round(len(same) / len(queries), 4), "mean_jaccard": round(float(np.mean(jacc)), 4),
               "negatives_ours": sum(len(v) for v in ours.values()),
@@ -213,7 +208,7 @@ def main() -> dict:
               "sentence_transformers": __import__("sentence_transformers").__version__,
               "max_length": args.max_length, **{k: round(v, 1) for k, v in timing.items()},
               "ours_counts": summary["counts"] if summary else None}
-    print(json.dumps(result))
+    emit(__file__, result)
     return result
 
 

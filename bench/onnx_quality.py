@@ -10,15 +10,12 @@ The same nDCG comes from the evaluate job's `backend` option (raylib.backends.lo
 """
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
+from toolkit import SHARED_DATA, emit
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / ".." / "shared" / "data" / "scifact"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -56,7 +53,7 @@ def main() -> None:
     from raylib.beir import load_beir
     from raylib.backends import load_encoder
 
-    data = load_beir(DATA, split="test")
+    data = load_beir(SHARED_DATA / "scifact", split="test")
     docs = [t for t in data.doc_texts()[:args.docs] if t.strip()]
     texts = [q for q in data.queries.values() if q.strip()] + docs
     torch_enc = load_encoder(args.model, "torch", device="cpu", threads=args.threads)
@@ -67,7 +64,7 @@ def main() -> None:
         report[backend] = backend_quality(args.model, backend, data, texts, ref, args.threads,
                                           not args.no_ndcg)
         print(f"{backend}: {report[backend]}", flush=True)
-    print(json.dumps(report))
+    emit(__file__, report)
 
 
 if __name__ == "__main__":

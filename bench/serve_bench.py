@@ -31,7 +31,6 @@ serve_vs_infinity_throughput and serve_p50_minus_in_process_ms (torch backend) a
 import argparse
 import asyncio
 import collections
-import json
 import os
 import random
 import subprocess
@@ -39,35 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / ".." / "shared" / "data" / "scifact"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
-from raylib.ports import free_port
-
-
-
-def load_texts(n: int, max_chars: int, seed: int = 0) -> list[str]:
-    """SciFact documents (real text) cut to max_chars; synthetic text if the data is absent."""
-    path = DATA
-    if (path / "corpus.jsonl").exists():
-        from raylib.beir import document_text
-
-        docs = []
-        with open(path / "corpus.jsonl", encoding="utf-8") as f:
-            for line in f:
-                docs.append(document_text(json.loads(line))[:max_chars])
-                if len(docs) >= 4 * n:
-                    break
-    else:
-        words = "protein cell gene expression patient risk trial effect model data".split()
-        rng = random.Random(seed)
-        docs = [" ".join(rng.choice(words) for _ in range(40))[:max_chars] for _ in range(4 * n)]
-    random.Random(seed).shuffle(docs)
-    return docs[:n]
+from toolkit import ROOT, emit, free_port, scifact_texts  # noqa: E402
 
 
 def percentiles(lat_s: list[float]) -> dict:
@@ -384,7 +360,7 @@ def main() -> None:
         raise SystemExit(f"unknown backends {sorted(unknown)}; choose from {BACKENDS}")
     model_dir = str(resolve_model_path(args.model))
     n_req, k = args.requests, args.texts_per_request
-    texts = load_texts(n_req * k, args.max_chars)
+    texts = scifact_texts(n_req * k, args.max_chars)
     bodies = [{"input": texts[i * k:(i + 1) * k], "model": args.model} for i in range(n_req)]
     report: dict = {"model": args.model, "backends": args.backends, "requests": n_req,
                     "texts_per_request": k, "max_chars": args.max_chars, "threads": args.threads,
@@ -456,7 +432,7 @@ def main() -> None:
         ray.shutdown()
     report["ratios"] = ratios(report, args.backends, args.concurrency)
     report["loadavg_end"] = round(os.getloadavg()[0], 1)
-    print(json.dumps(report))
+    emit(__file__, report)
 
 
 if __name__ == "__main__":

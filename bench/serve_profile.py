@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from raylib.ports import free_port
+from toolkit import ROOT, emit, free_port, scifact_texts
 
-ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -116,19 +115,13 @@ def main() -> None:
 
     from ray import serve
 
-    from raylib.beir import document_text
     from raylib.ray_env import init_ray
     from raylib.backends import load_encoder
     from raylib.ray_serve.app import app, start_serve
     from raylib.ray_serve.middleware import FastJSONResponse
     from raylib.ray_serve.schemas import EmbeddingsRequest
 
-    corpus = ROOT / ".." / "shared" / "data" / "scifact" / "corpus.jsonl"
-    if corpus.exists():
-        with open(corpus, encoding="utf-8") as f:
-            text = document_text(json.loads(f.readline()))[:300]
-    else:
-        text = "protein cell gene expression patient risk trial effect model data " * 4
+    text = scifact_texts(1, 300, shuffle=False)[0]  # the corpus's first document (or synthetic)
     report: dict = {"model": args.model, "text_chars": len(text), "threads": args.threads,
                     "loadavg_start": round(os.getloadavg()[0], 1)}
     enc = load_encoder(args.model, "torch", device="cpu", threads=args.threads)
@@ -169,7 +162,7 @@ def main() -> None:
 
     ray.shutdown()
     report["loadavg_end"] = round(os.getloadavg()[0], 1)
-    print(json.dumps(report))
+    emit(__file__, report)
 
 
 if __name__ == "__main__":

@@ -19,31 +19,24 @@ Last stdout line is JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
 
 import numpy as np
 import torch
+from toolkit import SHARED_DATA, beir_texts, emit
 
 from raylib.model import Encoder
 
 
 def load_texts(root: Path) -> list[tuple[str, str]]:
     """(kind, text) for every SciFact and XQuAD document and query under `root`."""
-    out: list[tuple[str, str]] = []
-    for d in [root / "scifact", *sorted((root / "xquad").glob("*"))]:
-        for line in open(d / "corpus.jsonl", encoding="utf-8"):
-            doc = json.loads(line)
-            out.append(("document", f"{doc.get('title') or ''} {doc['text']}".strip()))
-        out += [("query", json.loads(line)["text"]) for line in open(d / "queries.jsonl", encoding="utf-8")]
+    out = [item for d in [root / "scifact", *sorted((root / "xquad").glob("*"))] for item in beir_texts(d)]
     return [(k, t) for k, t in out if t.strip()]
 
 
@@ -104,7 +97,7 @@ def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="me5-small,minilm")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--data-root", default=str(ROOT / ".." / "shared" / "data"))
+    p.add_argument("--data-root", default=str(SHARED_DATA))
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--model-texts", type=int, default=256,
@@ -133,7 +126,7 @@ def main() -> dict:
         print(f"tokenizer speed {a['model']} / {b['model']}: "
               f"{a['tokenizer_texts_per_cpu_s'] / b['tokenizer_texts_per_cpu_s']:.2f}x texts per CPU-s")
     result = {"device": device, "threads": args.threads, "rows": rows}
-    print(json.dumps(result))
+    emit(__file__, result)
     return result
 
 

@@ -22,53 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from toolkit import MIB, ROOT, MemorySampler, emit, report_to_parent, run_per_size
 
 ARCTIC_PAIRS = 1_410_000_000
 CLUSTER_VCPUS = 4 * 192
 SOURCES = {"web/en": 4.0, "news/de": 2.0, "wiki/es": 1.0, "qa/en": 1.0}
 
 
-class PeakMemory:
-    """Peak private MiB (rss - shared) of this process and of its Ray Train workers, by sampling."""
-
-    def __init__(self, every: float = 0.2):
-        self.driver = self.worker = 0.0
-        self.every = every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self._stop.is_set():
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    info = proc.memory_info()
-                    private = (info.rss - info.shared) / 2 ** 20
-                    if proc.pid == me.pid:
-                        self.driver = max(self.driver, private)
-                    elif "TrainWorker" in " ".join(proc.cmdline()):
-                        self.worker = max(self.worker, private)
-                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                    continue
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> "PeakMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+def driver_or_worker(proc) -> str | None:
+    """"driver" (this process), "worker" (a Ray Train worker) or None (not counted)."""
+    if proc.pid == os.getpid():
+        return "driver"
+    return "worker" if "TrainWorker" in " ".join(proc.cmdline()) else None
 
 
 def write_parts(n: int, part: int, out: Path) -> None:
@@ -97,7 +66,9 @@ def child(n: int, args: argparse.Namespace) -> dict:
     from raylib.train_config import ModelSection
 
     tiny = {"hidden_size": 32, "num_layers": 2, "max_length": 64}
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp, PeakMemory() as peak:
+    # peak private memory (rss - shared) of this process and of its Ray Train workers, every 0.2 s
+    peak = MemorySampler(200, children=True, label=driver_or_worker)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp, peak:
         tmp = Path(tmp)
         write_parts(n, args.part, tmp / "pairs")
         start = time.time()
@@ -116,13 +87,23 @@ def child(n: int, args: argparse.Namespace) -> dict:
         result = fit(cfg, cfg.loss, prepare_for_training(cfg, cfg.loss))
         rows = [json.loads(x) for x in Path(result["metrics_path"]).read_text().splitlines() if x.strip()]
     later = rows[1:]
+    private = {k: v / MIB for k, v in peak.by_label("private").items()}
     return {"rows": manifest["rows"], "prepare_s": round(prepare_s, 1),
             "prepare_pairs_per_s": round(manifest["rows"] / manifest["seconds"], 1),
-            "driver_peak_mib": round(peak.driver, 1), "worker_peak_mib": round(peak.worker, 1),
+            "driver_peak_mib": round(private.get("driver", 0.0), 1),
+            "worker_peak_mib": round(private.get("worker", 0.0), 1),
             "first_step_s": round(rows[0]["time"] - fit_start, 1),
             "data_wait_frac": round(sum(r["data_wait_s"] for r in later) / sum(r["step_s"] for r in later), 4),
             "step_s_median": sorted(r["step_s"] for r in later)[len(later) // 2], "steps": len(rows),
             "files": sum(len(v["files"]) for v in manifest["sources"].values())}
+
+
+def print_size(n: int, r: dict) -> None:
+    """One size's line: prepare throughput, peak memory, first step, data wait."""
+    print(f"{n:>11,} pairs: prepare {r['prepare_pairs_per_s']:,.0f} pairs/s ({r['prepare_s']} s, "
+          f"{r['files']} shards); driver peak {r['driver_peak_mib']} MiB, largest worker "
+          f"{r['worker_peak_mib']} MiB; first step after {r['first_step_s']} s; data wait "
+          f"{r['data_wait_frac']:.2%} of step time (median step {r['step_s_median']} s)", flush=True)
 
 
 def main() -> None:
@@ -136,24 +117,12 @@ def main() -> None:
     parser.add_argument("--child", type=int, default=0)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args)), flush=True)
+        report_to_parent(child(args.child, args))
         return
-    out = {}
-    for n in [int(x) for x in args.sizes.split(",") if x]:
-        cmd = [sys.executable, __file__, "--child", str(n), "--part", str(args.part), "--batch", str(args.batch),
-               "--steps", str(args.steps), "--partition-mib", str(args.partition_mib)]
-        if args.tmp:
-            cmd += ["--tmp", args.tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"size {n} failed")
-        out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = out[n]
-        print(f"{n:>11,} pairs: prepare {r['prepare_pairs_per_s']:,.0f} pairs/s ({r['prepare_s']} s, "
-              f"{r['files']} shards); driver peak {r['driver_peak_mib']} MiB, largest worker "
-              f"{r['worker_peak_mib']} MiB; first step after {r['first_step_s']} s; data wait "
-              f"{r['data_wait_frac']:.2%} of step time (median step {r['step_s_median']} s)", flush=True)
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    child_args = ["--part", args.part, "--batch", args.batch, "--steps", args.steps,
+                  "--partition-mib", args.partition_mib, *(["--tmp", args.tmp] if args.tmp else [])]
+    out = dict(zip(sizes, run_per_size(__file__, sizes, child_args, cwd=ROOT, each=print_size)))
     sizes = sorted(out)
     if len(sizes) > 1:
         a, b = out[sizes[0]], out[sizes[-1]]
@@ -166,9 +135,9 @@ def main() -> None:
     print(f"extrapolation: {best:,.0f} pairs/s on {cores} cores = {best / cores:,.0f} pairs/s per core; "
           f"1.41B pairs on {CLUSTER_VCPUS} vCPUs (4 x p5.48xlarge) at that rate per vCPU: {minutes:.0f} min "
           f"(linear scaling assumed; tiny WordPiece tokenizer here, an XLM-R tokenizer is slower per text)")
-    print(json.dumps({"sizes": {str(n): {k: out[n][k] for k in ("prepare_pairs_per_s", "driver_peak_mib",
-                                                                   "worker_peak_mib", "first_step_s",
-                                                                   "data_wait_frac")} for n in sizes}}))
+    emit(__file__, {"sizes": {str(n): {k: out[n][k] for k in ("prepare_pairs_per_s", "driver_peak_mib",
+                                                                 "worker_peak_mib", "first_step_s",
+                                                                 "data_wait_frac")} for n in sizes}})
 
 
 if __name__ == "__main__":

