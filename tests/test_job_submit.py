@@ -61,7 +61,7 @@ def head_node():
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=15)  # the jobs are over: no need to wait out Ray's graceful stop
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
 

@@ -99,22 +99,26 @@ def ray_start(args: list[str], env: dict, temp_dir: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the node's process group (its raylet, agents and workers), then SIGKILL; then
-    whatever those started outside the group (Serve's HAProxy: it outlives a killed Ray)."""
+def stop(procs: list[subprocess.Popen], grace_s: float = 15) -> None:
+    """SIGTERM to every node's process group at once (raylet, agents, workers), SIGKILL to what
+    still runs after `grace_s`; then whatever they started outside their groups (Serve's
+    HAProxy: it outlives a killed Ray). All at once: the nodes' shutdowns overlap."""
     import psutil
 
     descendants: list = []
-    with contextlib.suppress(psutil.Error):
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            descendants += psutil.Process(proc.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
     for child in descendants:
         with contextlib.suppress(psutil.Error):
             child.kill()
@@ -150,8 +154,7 @@ def cluster():
         assert sorted(n["resources_total"].get("CPU", 0) for n in nodes) == [0, WORKER_CPUS, WORKER_CPUS]
         yield {"address": f"127.0.0.1:{gcs}", "dashboard": url, "env": env}
     finally:
-        for proc in reversed(procs):
-            stop(proc)
+        stop(list(reversed(procs)))
         for temp_dir in temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
