@@ -495,6 +495,7 @@ def test_deploy_configs_validate():
     gpu = ServeArgs.model_validate(yaml.safe_load((root / "serve" / "config_gpu.yaml").read_text())
                                    ["applications"][0]["args"])
     assert gpu.num_gpus > 0 and gpu.backend == "torch"
+    assert not gpu.colocate  # the GPU layout keeps the Batcher apart (ServeArgs' default: True)
 
 
 def test_http_port_is_haproxy_in_front_of_direct_ingress_replicas(server):

@@ -10,7 +10,8 @@ by text count), errors.py (OpenAI-shaped errors, exception handlers), middleware
 in-flight cap, metrics, JSON). With `colocate` (serve/config.yaml, CPU) the batcher lives inside
 each ingress replica: one hop fewer. Otherwise (serve/config_gpu.yaml) it is a deployment of its
 own, called over gRPC, so that a lost batcher replica is a retry, not a lost request. In front:
-HAProxy and direct ingress (start_serve, FAST_INGRESS_ENV), not Serve's Python proxy.
+HAProxy and direct ingress (start_serve, FAST_INGRESS_ENV), not Serve's Python proxy; HAProxy
+re-sends the requests of a lost ingress replica to a live one (REPLICA_LOSS_ENV), whichever layout.
 
 Capacity: each Batcher replica takes `max_ongoing_requests` calls; each caller queues at most
 `max_queued_requests` more; beyond that the handle raises BackPressureError and the ingress
@@ -40,7 +41,41 @@ from raylib.ray_serve.settings import ServeArgs
 # controller starts, so they go in its runtime_env, which its proxies and replicas inherit:
 # `controller_options` in serve/config.yaml, or start_serve() below. Ingress replicas listen on
 # ports 30000-31000 (RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT): open them between nodes only.
-FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+#
+# A lost ingress replica (killed, OOM, node gone) takes its in-flight requests with it, and Ray
+# 2.60's HAProxy settings answer them badly (issue 24: 500s and connections closed without a
+# response). HAProxy re-sends only requests that failed to connect (`retry-on conn-failure`,
+# RAY_SERVE_HAPROXY_RETRY_ON's default): a request already sent to the replica that died gets a
+# 502 that Serve rewrites to a plain 500 (ray/serve/_private/haproxy.py,
+# _initialize_directories_and_error_files: errorfile 502/503/504 -> 500.http), or, on a
+# keep-alive connection that served an earlier request, HAProxy closes the client connection
+# with no response at all so that the client retries (haproxy src/http_ana.c,
+# http_wait_for_response: `if (txn->flags & TX_NOT_FIRST) goto abort_keep_alive`). The settings
+# below make HAProxy re-send such a request to another replica instead (`option redispatch 1` is
+# already in Serve's config), which is safe here: every route is a pure function of its body.
+#   RETRY_ON: also retry when the replica closed the connection without answering.
+#   BALANCE: HAProxy can re-send only a request it holds whole; it copies one for a re-send only
+#     if the whole request was in before it started sending it (src/stconn.c: `if
+#     (s->txn->req.msg_state != HTTP_MSG_DONE) s->txn->flags &= ~TX_L7_RETRY`), and clients
+#     that write headers and body apart (httpx, the OpenAI SDK) lose that race on a reused
+#     connection. `check_post` makes HAProxy read the body before it picks a replica (Serve
+#     renders no `option http-buffer-request`); the parameter is never sent, so every request
+#     falls back to round robin, in place of Serve's default leastconn.
+#   BUFSIZE: only a request that fits one buffer can be re-sent: 256 KiB (Serve: 16 KiB) holds
+#     256 inputs of ~1,000 characters. HAProxy keeps a buffer-sized copy of each request until
+#     its answer starts: 64 MiB for 256 requests in flight, 1 GiB at HAProxy's maxconn (4096).
+# Cost, measured on 2 shared cores: HAProxy alone before two uvicorn backends, 2 KB POSTs: p50
+# 0.84 -> 0.91 ms, 645 -> 655 requests/s at 16 clients; the colocated app (tiny model, 2
+# replicas; both variants up at once, 10 turns each): p50 at 1 client 12.7 -> 12.9 ms, 174 ->
+# 170 requests/s at 16 clients. Under heavy load from other jobs (load average ~18) 16-client
+# throughput fell in 13 of 16 turns (median 156 -> 107 requests/s): round robin keeps feeding a
+# replica starved of CPU that leastconn steers around. With one replica (serve/config.yaml)
+# there is no balancing to lose.
+REPLICA_LOSS_ENV = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+                    "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "url_param raylib-replica check_post",
+                    "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(256 * 1024)}
+FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                    **REPLICA_LOSS_ENV}
 
 
 def start_serve(host: str = "127.0.0.1", port: int = 8000, fast_ingress: bool = True,

@@ -41,8 +41,8 @@ class Ingress:
 
     def __init__(self, encoder: Optional[DeploymentHandle], args: dict):
         self.args = ServeArgs.model_validate(args)
-        # colocate: the model lives in this process (one hop fewer per request; a lost replica
-        # then loses its requests, as with any single-process server)
+        # colocate: the model lives in this process (one hop fewer per request); should the
+        # replica die, HAProxy re-sends its requests to another (app.REPLICA_LOSS_ENV)
         self.encoder = encoder if encoder is not None else LocalHandle(
             Batcher.func_or_class(args))
         self.api_key = self.args.api_key or os.environ.get(API_KEY_ENV) or None

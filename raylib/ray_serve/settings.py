@@ -59,7 +59,8 @@ class ServeArgs(BaseModel):
     retry_after_s: int = Field(1, ge=0)
     replica_retries: int = Field(2, ge=0, description="re-sends of a call whose replica died")
     colocate: bool = Field(True, description="model inside the ingress replicas: one hop fewer "
-                                             "per request, but no re-send when a replica dies")
+                                             "per request; a lost replica's requests are re-sent "
+                                             "by HAProxy (app.REPLICA_LOSS_ENV)")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
