@@ -182,6 +182,8 @@ def test_pretrain_debug_through_ray_job_submit(head, tmp_path):
     plan = printed["plan"]
     assert sum(plan["source_rows"].values()) == 640 and len(plan["source_rows"]) == 3
     assert printed["metrics"]["step"] == plan["total_steps"] > 0 and printed["metrics"]["loss"] > 0
+    # the job prepared its own data into the run's output (data.prepared empty)
+    assert printed["prepared"]["location"] == f"{run}/ckpt/debug/prepared" and not printed["prepared"]["reused"]
     # the checkpoint is on this host's disk (absolute storage_path), a loadable model dir
     from raylib.model import Encoder
 

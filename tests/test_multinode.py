@@ -1,8 +1,10 @@
 """The pipeline on a multi-node Ray with no shared disk: a head with 0 CPUs and two 4-CPU worker
 nodes (`ray start --block` processes, each with its own temp dir and ports), every path on s3://
 (a moto server this module starts), the driver in an empty directory. Checks that every stage's
-summary and output land in the bucket, that a second run resumes from the markers in the bucket,
-and that `serve deploy` of a config pointing at the finetuned checkpoint (s3://) answers
+summary and output land in the bucket, that the finetune stage's run reaches a real `mlflow server`
+(config, loss per step, evaluation during training: the tracking server a team without a shared
+disk runs) and the model card in the bucket gets the before/after table, that a second run resumes
+from the markers in the bucket, and that `serve deploy` of a config pointing at the finetuned checkpoint (s3://) answers
 /v1/embeddings. Only the processes started here are stopped (never `ray stop`)."""
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ STAGE_SETS = {
                      "objective.matryoshka_dims=[]", "objective.document_max_length=64",
                      "objective.num_negatives=1", "objective.distill_weight=0", "objective.negatives=hard",
                      "train.max_steps=4", "data.global_batch_size=8", "checkpoint.every_steps=4",
-                     "scaling.num_workers=2", f"scaling.cpus_per_worker={WORKER_CPUS}"],
+                     "scaling.num_workers=2", f"scaling.cpus_per_worker={WORKER_CPUS}",
+                     "eval.every_n_steps=2", "eval.holdout=0.1", "tracking.mlflow.enabled=true"],
 }
 
 
@@ -84,6 +87,27 @@ def s3():
         boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
         yield {"env": env, "bucket": bucket}
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (a file store behind it): where the nodes' runs go."""
+    store = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
+    log = open(store / "server.log", "w")
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", (store / "store").as_uri(),
+                               "--default-artifact-root", (store / "artifacts").as_uri()],
+                              env=env, stdout=subprocess.DEVNULL, stderr=log)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
+                   "mlflow server", 120, (server,))
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def ray_start(args: list[str], env: dict, temp_dir: str) -> subprocess.Popen:
@@ -159,11 +183,13 @@ def cluster():
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def run_pipeline(cluster: dict, s3: dict, cwd: Path, cache: Path, *sets: str) -> dict:
-    """`python jobs/pipeline.py` on the cluster (RAY_ADDRESS), the debug config, tiny settings."""
+def run_pipeline(cluster: dict, s3: dict, cwd: Path, cache: Path, mlflow: str, *sets: str) -> tuple[dict, str]:
+    """`python jobs/pipeline.py` on the cluster (RAY_ADDRESS), the debug config, tiny settings;
+    returns its summary and its report."""
     cmd = [sys.executable, str(ROOT / "jobs" / "pipeline.py"),
            "--config", str(ROOT / "jobs" / "configs" / "pipeline" / "debug.yaml")]
     for key, items in STAGE_SETS.items():
+        items = items + [f"tracking.mlflow.tracking_uri={mlflow}"] if key == "finetune.set" else items
         cmd += ["--set", f"{key}={json.dumps(items)}"]
     for item in sets:
         cmd += ["--set", item]
@@ -172,7 +198,30 @@ def run_pipeline(cluster: dict, s3: dict, cwd: Path, cache: Path, *sets: str) ->
     report = out.stderr[out.stderr.rfind("== pipeline =="):] if out.returncode == 0 else out.stderr[-6000:]
     print(report)  # the stages' times (pytest -s or -rP)
     assert out.returncode == 0, out.stdout[-3000:] + report
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]), report
+
+
+def check_tracking(mlflow: str, report: str, checkpoint: str, base: str) -> None:
+    """The finetune stage's MLflow run, read from the server with mlflow.search_runs, holds the
+    config, each step's loss and the evaluation; the report links the run and the card; the card in
+    the bucket has the pipeline's before/after table."""
+    import mlflow as mlflow_client
+    from mlflow.tracking import MlflowClient
+
+    from raylib.storage import read_text
+
+    assert f"finetune tracking: {mlflow}/#/experiments/" in report, report
+    card_path = f"{checkpoint}/README.md"
+    assert f"model card: {card_path}" in report, report
+    mlflow_client.set_tracking_uri(mlflow)
+    row = mlflow_client.search_runs(experiment_names=["raylib"]).iloc[0]
+    assert row["params.train.max_steps"] == "4" and row["params.eval.every_n_steps"] == "2"
+    assert row["metrics.loss"] > 0 and 0 <= row["metrics.eval/dense/ndcg_at_10"] <= 1
+    client = MlflowClient(mlflow)
+    assert [m.step for m in client.get_metric_history(row["run_id"], "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(row["run_id"], "eval/dense/ndcg_at_10")] == [2, 4]
+    card = read_text(card_path)
+    assert "## Before / after (pipeline evaluation)" in card and f"base_model: {base}" in card, card[:2000]
 
 
 def listing(uri: str) -> dict[str, tuple[int, int]]:
@@ -224,7 +273,7 @@ def serve_deploy(cluster: dict, s3: dict, model: str, cache: Path, tmp_path: Pat
 
 
 @pytest.mark.timeout(1800)  # about 4 min on a quiet 2-core host; far longer when it is shared
-def test_pipeline_on_three_nodes_everything_on_s3(cluster, s3, tmp_path):
+def test_pipeline_on_three_nodes_everything_on_s3(cluster, s3, mlflow_server, tmp_path):
     from raylib.model import Encoder
     from raylib.storage import copy_tree, read_text
     from raylib.tiny import save_tiny_encoder
@@ -235,7 +284,7 @@ def test_pipeline_on_three_nodes_everything_on_s3(cluster, s3, tmp_path):
     run, driver, cache = f"{bucket}/run", tmp_path / "driver", tmp_path / "cache"
     driver.mkdir()
     sets = (f"workdir={run}", f"model={model}", "serve.enabled=false")
-    first = run_pipeline(cluster, s3, driver, cache, *sets)
+    first, report = run_pipeline(cluster, s3, driver, cache, mlflow_server, *sets)
 
     # every stage's summary and outputs are in the bucket; nothing on the driver's disk
     assert list(driver.iterdir()) == [], list(driver.iterdir())
@@ -259,10 +308,11 @@ def test_pipeline_on_three_nodes_everything_on_s3(cluster, s3, tmp_path):
     assert {"config.json", "raylib_settings.json"} <= listing(checkpoint).keys()
     for tag in ("before", "after"):
         assert 0 <= first["evaluate"][tag]["dense"]["ndcg@10"] <= 1
+    check_tracking(mlflow_server, report, checkpoint, model)
 
     # a second run finds every stage's marker in the bucket and runs none of them: the bucket
     # changes in nothing but the pipeline's own summary (no stage log, output or summary rewritten)
-    second = run_pipeline(cluster, s3, driver, cache, *sets)
+    second, _ = run_pipeline(cluster, s3, driver, cache, mlflow_server, *sets)
     assert {name: s["skipped"] for name, s in second["stages"].items()} == \
         {"filter": True, "mine": True, "finetune": True}
     assert second["model"] == checkpoint and second["evaluate"] == first["evaluate"]

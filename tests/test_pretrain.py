@@ -209,17 +209,12 @@ def _resume_check(data: str, tmp_path: Path, extra: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_injected_failure_resumes_exactly(ray_session, tmp_path):
-    data = tmp_path / "pairs.parquet"
-    pq.write_table(synthetic_pairs(8 * 12, {"web/en": 2.0, "news/de": 1.0}, seed=2), data)
-    a, b = _resume_check(str(data), tmp_path, [])
-    assert not a["prepared"]["reused"] and a["prepared"]["location"].endswith("ckpt/plain/prepared")
-
-
-@pytest.mark.slow
 def test_injected_failure_resumes_exactly_from_s3(ray_session, tmp_path, s3_server):
-    """The same with the pairs and the prepared shards on s3:// (moto): both runs share one
-    prepared location (the second reuses its manifest); workers read their rows from S3."""
+    """With the pairs and the prepared shards on s3:// (moto), where a cluster without a shared disk
+    keeps them: both runs share one prepared location (the second reuses its manifest); workers
+    read their rows from S3. (The same runs with everything on local disk took as long and tested
+    no other code: the storage layer is one pyarrow filesystem either way; the local default of
+    the prepared location is checked by tests/test_jobs.py's pretrain run.)"""
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_server)

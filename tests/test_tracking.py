@@ -1,15 +1,12 @@
 """Runs a team can follow: evaluation during training (best checkpoint kept by nDCG@10), MLflow
-(a real file store; one slow test against a real `mlflow server` on 127.0.0.1), TensorBoard files
-read back with TensorBoard's own reader, the model card, the step line and the data stage line."""
+(a real file store), TensorBoard files read back with TensorBoard's own reader, the model card, the
+step line and the data stage line. A real `mlflow server` receiving the debug pipeline's finetune
+run (config, loss per step, evaluation) is tests/test_multinode.py's."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,7 +20,6 @@ from raylib.tracking import (MlflowRun, MlflowSection, flat_params, metric_key, 
                              write_tensorboard)
 from raylib.train_eval import best_eval, evaluate_during_training, holdout_eval_set
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _mlflow_rows(uri: str, experiment: str):
@@ -193,72 +189,3 @@ def test_finetune_keeps_best_checkpoint_by_ndcg_and_mlflow_agrees(tmp_path, ray_
     assert {a.path for a in client.list_artifacts(run_id)} >= {"README.md", "summary.json", "curves.png"}
     tb = read_tensorboard(summary["tracking"]["tensorboard"])
     assert dict(tb["eval/dense/ndcg@10"]) == pytest.approx(evals)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_mlflow_server_receives_a_run(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 (a file store behind it): params, metrics by step, an artifact."""
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", (tmp_path / "store").as_uri(),
-                               "--default-artifact-root", (tmp_path / "artifacts").as_uri()],
-                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
-    try:
-        uri = f"http://127.0.0.1:{port}"
-        import urllib.request
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(1)
-        run = MlflowRun.start(MlflowSection(enabled=True, experiment="server"), uri, "r", {"train": {"lr": 0.1}})
-        run.log_record({"step": 5, "loss": 0.25, "eval/dense/ndcg@10": 0.5})
-        run.finish({"README.md": "# card"})
-        assert run.url.startswith(f"{uri}/#/experiments/")
-        df = _mlflow_rows(uri, "server")
-        assert df.iloc[0]["params.train.lr"] == "0.1" and df.iloc[0]["metrics.eval/dense/ndcg_at_10"] == 0.5
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_debug_pipeline_mlflow_run_holds_config_loss_and_eval(tmp_path):
-    """jobs/pipeline.py with the debug config (no serving): the finetune stage's MLflow run, read
-    with mlflow.search_runs, holds the config, each step's loss and the evaluation; the report
-    links the run and the card; the card has the before/after table."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)  # mlflow.set_tracking_uri in an earlier test exports it
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--config",
-                          str(ROOT / "jobs" / "configs" / "pipeline" / "debug.yaml"),
-                          "--set", f"workdir={tmp_path / 'run'}", "--set", "serve.enabled=false"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1700)
-    assert out.returncode == 0, out.stderr[-5000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
-    report = out.stderr[out.stderr.rfind("== pipeline =="):]
-    assert "finetune tracking: file:" in report and "model card: " in report
-    df = _mlflow_rows((tmp_path / "run" / "checkpoints" / "mlruns").as_uri(), "raylib")
-    row = df.iloc[0]
-    assert row["params.train.max_steps"] == "4" and row["params.eval.every_n_steps"] == "2"
-    assert row["metrics.loss"] > 0 and 0 <= row["metrics.eval/dense/ndcg_at_10"] <= 1
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient((tmp_path / "run" / "checkpoints" / "mlruns").as_uri())
-    assert [m.step for m in client.get_metric_history(row["run_id"], "loss")] == [1, 2, 3, 4]
-    assert [m.step for m in client.get_metric_history(row["run_id"], "eval/dense/ndcg_at_10")] == [2, 4]
-    card = (Path(summary["model"]) / "README.md").read_text()
-    assert "## Before / after (pipeline evaluation)" in card and "base_model: minilm" in card
