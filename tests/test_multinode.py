@@ -305,7 +305,9 @@ def test_pipeline_on_three_nodes_everything_on_s3(cluster, s3, mlflow_server, tm
     assert finetune["curves"] == f"{run}/checkpoints/finetune/curves.png"
     assert {"metrics.jsonl", "curves.png"} <= {f.rsplit("/", 1)[-1] for f in files
                                                if f.startswith("checkpoints/finetune/")}
-    assert {"config.json", "raylib_settings.json"} <= listing(checkpoint).keys()
+    # a checkpoint on s3:// is a loadable model dir plus the train state a resumed run reads
+    assert {"config.json", "raylib_settings.json", "train_state.pt"} <= listing(checkpoint).keys()
+    assert read_text(f"{run}/checkpoints/finetune/metrics.jsonl").count("\n") == 4  # a line a step
     for tag in ("before", "after"):
         assert 0 <= first["evaluate"][tag]["dense"]["ndcg@10"] <= 1
     check_tracking(mlflow_server, report, checkpoint, model)

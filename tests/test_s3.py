@@ -76,30 +76,3 @@ def test_filter_job_s3_round_trip(patient_ray, tiny_dir, tmp_path, s3_server):
                            format="parquet").to_table()
     assert rejects.num_rows == summary["rejected"]
     assert json.loads(read_text("s3://curation/out/summary.json"))["kept"] == summary["kept"]
-
-
-def test_pretrain_checkpoints_to_s3(ray_session, tmp_path, s3_server):
-    """Ray Train's storage_path on s3://: checkpoints (loadable model dirs) land in the bucket."""
-    import boto3
-    import pyarrow.fs as pafs
-
-    from raylib.jobs.pretrain import main
-    from raylib.model import Encoder
-    from raylib.storage import filesystem_for, read_text
-
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="train")
-    summary = main(["--config", str(ROOT / "jobs/configs/pretrain/debug.yaml"),
-                    "--set", f"data.paths=[{tmp_path}/pairs.parquet]", "--set", "synthetic.rows=192",
-                    "--set", "data.epochs=1", "--set", "scaling.num_workers=1",
-                    "--set", "checkpoint.storage_path=s3://train/runs", "--set", f"checkpoint.local_dir={tmp_path}",
-                    "--set", "checkpoint.every_steps=2"])
-    assert summary["checkpoint"].startswith("s3://train/runs/debug/")
-    assert json.loads(read_text("s3://train/runs/debug/summary.json"))["checkpoint"] == summary["checkpoint"]
-    assert read_text("s3://train/runs/debug/metrics.jsonl").count("\n") == summary["plan"]["total_steps"]
-    fs, path = filesystem_for(summary["checkpoint"])
-    names = {info.base_name for info in fs.get_file_info(pafs.FileSelector(path))}
-    assert {"config.json", "raylib_settings.json", "train_state.pt"} <= names, names
-    local = tmp_path / "ckpt"
-    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    encoder = Encoder.from_pretrained(local)
-    assert encoder.encode_dense(["a query"], kind="query").shape == (1, encoder.dim)
