@@ -3,9 +3,10 @@ nodes (`ray start --block` processes, each with its own temp dir and ports), eve
 (a moto server this module starts), the driver in an empty directory. Checks that every stage's
 summary and output land in the bucket, that the finetune stage's run reaches a real `mlflow server`
 (config, loss per step, evaluation during training: the tracking server a team without a shared
-disk runs) and the model card in the bucket gets the before/after table, that a second run resumes
-from the markers in the bucket, and that `serve deploy` of a config pointing at the finetuned checkpoint (s3://) answers
-/v1/embeddings. Only the processes started here are stopped (never `ray stop`)."""
+disk runs) and the model card in the bucket gets the before/after table, that a second run
+resumes from the markers in the bucket, and that `serve deploy` of a config pointing at the
+finetuned checkpoint (s3://) answers /v1/embeddings. Only the processes started here are stopped
+(never `ray stop`)."""
 
 from __future__ import annotations
 
@@ -95,11 +96,11 @@ def mlflow_server(tmp_path_factory):
     store = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
-    log = open(store / "server.log", "w")
-    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1", "--backend-store-uri", (store / "store").as_uri(),
-                               "--default-artifact-root", (store / "artifacts").as_uri()],
-                              env=env, stdout=subprocess.DEVNULL, stderr=log)
+    with open(store / "server.log", "w") as log:
+        server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                                   "--workers", "1", "--backend-store-uri", (store / "store").as_uri(),
+                                   "--default-artifact-root", (store / "artifacts").as_uri()],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=log)
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
@@ -202,10 +203,9 @@ def run_pipeline(cluster: dict, s3: dict, cwd: Path, cache: Path, mlflow: str, *
 
 
 def check_tracking(mlflow: str, report: str, checkpoint: str, base: str) -> None:
-    """The finetune stage's MLflow run, read from the server with mlflow.search_runs, holds the
-    config, each step's loss and the evaluation; the report links the run and the card; the card in
-    the bucket has the pipeline's before/after table."""
-    import mlflow as mlflow_client
+    """The finetune stage's MLflow run, read back from the server, holds the config, each step's
+    loss and the evaluation; the report links the run and the card; the card in the bucket has the
+    pipeline's before/after table."""
     from mlflow.tracking import MlflowClient
 
     from raylib.storage import read_text
@@ -213,13 +213,13 @@ def check_tracking(mlflow: str, report: str, checkpoint: str, base: str) -> None
     assert f"finetune tracking: {mlflow}/#/experiments/" in report, report
     card_path = f"{checkpoint}/README.md"
     assert f"model card: {card_path}" in report, report
-    mlflow_client.set_tracking_uri(mlflow)
-    row = mlflow_client.search_runs(experiment_names=["raylib"]).iloc[0]
-    assert row["params.train.max_steps"] == "4" and row["params.eval.every_n_steps"] == "2"
-    assert row["metrics.loss"] > 0 and 0 <= row["metrics.eval/dense/ndcg_at_10"] <= 1
-    client = MlflowClient(mlflow)
-    assert [m.step for m in client.get_metric_history(row["run_id"], "loss")] == [1, 2, 3, 4]
-    assert [m.step for m in client.get_metric_history(row["run_id"], "eval/dense/ndcg_at_10")] == [2, 4]
+    client = MlflowClient(mlflow)  # not mlflow.set_tracking_uri: that outlives the test
+    [run] = client.search_runs([client.get_experiment_by_name("raylib").experiment_id])
+    params, metrics = run.data.params, run.data.metrics
+    assert params["train.max_steps"] == "4" and params["eval.every_n_steps"] == "2"
+    assert metrics["loss"] > 0 and 0 <= metrics["eval/dense/ndcg_at_10"] <= 1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/dense/ndcg_at_10")] == [2, 4]
     card = read_text(card_path)
     assert "## Before / after (pipeline evaluation)" in card and f"base_model: {base}" in card, card[:2000]
 
