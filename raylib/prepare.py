@@ -118,9 +118,9 @@ def load_text_tokenizer(model: str, tiny: tuple = ()) -> Any:
     """The model's TextTokenizer (prefixes, max length), once per worker process; `tiny` builds
     raylib.tiny's tokenizer exactly as the training job's tiny Encoder has it."""
     if model == "tiny":
-        from raylib.tiny import tiny_encoder
+        from raylib.tiny import tiny_text_tokenizer
 
-        return tiny_encoder(**dict(tiny)).text_tokenizer
+        return tiny_text_tokenizer(**dict(tiny))
     from raylib.model import TextTokenizer
 
     return TextTokenizer.from_pretrained(model)

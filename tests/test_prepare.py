@@ -172,3 +172,19 @@ def test_workers_read_exactly_the_reference_plan(ray_session, tmp_path):
             assert tail == got[11:]
     again = prepare(PrepareConfig(**{**cfg.__dict__}))
     assert again["reused"]
+
+
+def test_tiny_tokenizer_without_weights_equals_the_tiny_encoders():
+    """Prepare tasks tokenize for a tiny model without building it: same ids, same settings."""
+    from raylib.prepare import load_text_tokenizer, tokenizer_identity
+    from raylib.tiny import tiny_encoder
+
+    for kw in (dict(hidden_size=32, num_layers=2, max_length=64, m3_heads=True),
+               dict(arch="xlm-roberta", pooling="mean", max_length=32, query_prefix="query: ")):
+        fast = load_text_tokenizer("tiny", tuple(kw.items()))
+        slow = tiny_encoder(**kw).text_tokenizer
+        assert fast.settings == slow.settings and tokenizer_identity(fast) == tokenizer_identity(slow)
+        texts = ["The protein of cells, in 2024!", "a query about rivers " * 20]
+        for kind in ("query", "document"):
+            a, b = fast(texts, kind), slow(texts, kind)
+            assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), (kw, kind)
