@@ -66,11 +66,14 @@ def _entries() -> list[dict]:
     return out
 
 
-def build_demo_data(out_dir: str | Path, eval_fraction: float = 0.2, seed: int = 0) -> dict:
-    """Write pairs.parquet (training pairs) and beir/ (held-out eval set); returns counts."""
+def build_demo_data(out_dir: str | Path, eval_fraction: float = 0.2, seed: int = 0,
+                    num_functions: int | None = None) -> dict:
+    """Write pairs.parquet (training pairs) and beir/ (held-out eval set); returns counts.
+    num_functions: keep that many functions of the shuffled set (a quicker set for tests)."""
     out_dir = Path(out_dir)
     entries = _entries()
     random.Random(seed).shuffle(entries)
+    entries = entries[:num_functions]
     num_eval = int(len(entries) * eval_fraction)
     held_out, train = entries[:num_eval], entries[num_eval:]
     rows = []

@@ -31,11 +31,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """An empty directory holding the demo data where the debug configs look for it (runs/demo)."""
+    """An empty directory holding the demo data where the debug configs look for it (runs/demo):
+    160 of its functions (256 pairs, 32 held-out queries), as the filter, mine and evaluate debug
+    runs embed every text with minilm on the CPU (the whole set: tests/test_multinode.py)."""
     from raylib.demo_data import build_demo_data
 
     work = tmp_path_factory.mktemp("jobs")
-    build_demo_data(work / "runs" / "demo" / "data")
+    counts = build_demo_data(work / "runs" / "demo" / "data", num_functions=160)
+    assert counts == {"pairs": 256, "eval_queries": 32, "corpus": 160}
     return work
 
 
