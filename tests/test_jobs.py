@@ -82,7 +82,7 @@ def head(workdir):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=15)  # the jobs are over: no need to wait out Ray's graceful stop
+            proc.wait(timeout=3)  # the jobs are over: no need to wait out Ray's graceful stop (15 s+)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
 

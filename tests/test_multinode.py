@@ -124,7 +124,7 @@ def ray_start(args: list[str], env: dict, temp_dir: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
-def stop(procs: list[subprocess.Popen], grace_s: float = 15) -> None:
+def stop(procs: list[subprocess.Popen], grace_s: float = 3) -> None:
     """SIGTERM to every node's process group at once (raylet, agents, workers), SIGKILL to what
     still runs after `grace_s`; then whatever they started outside their groups (Serve's
     HAProxy: it outlives a killed Ray). All at once: the nodes' shutdowns overlap."""
