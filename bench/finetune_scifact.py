@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from toolkit import SHARED_DATA, emit
+from toolkit import ROOT, SHARED_DATA, emit
 
 from raylib.beir import load_beir
 from raylib.metrics import evaluate
@@ -339,7 +339,7 @@ def finetune_config(args, mined_path: Path, out: Path):
         "checkpoint.every_steps=100000", "checkpoint.num_to_keep=1",
         "scaling.num_workers=1", f"scaling.cpus_per_worker={args.cpus}",
     ]
-    return load_config(FinetuneJobConfig, "jobs/configs/finetune/debug.yaml", overrides)
+    return load_config(FinetuneJobConfig, ROOT / "jobs" / "configs" / "finetune" / "debug.yaml", overrides)
 
 
 def finetune(cfg, trainer: str, out: Path) -> dict:

@@ -23,12 +23,15 @@ import time
 import uuid
 from typing import Any, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 import ray
 from ray.data import Dataset
 
-from raylib.model import EncoderSettings, ModelSpec, TextTokenizer
+if TYPE_CHECKING:  # raylib.model imports torch: tasks that only route rows skip it (1.5-2 s each)
+    from raylib.model import EncoderSettings, ModelSpec, TextTokenizer
 
 TOKENS_PREFIX = "_tokens:"  # + output column: the upstream token ids of that output's text
 
@@ -62,11 +65,13 @@ def _jobs(column: str, kind: str, output_column: str, max_length: int | None,
     return jobs
 
 
-_TOKENIZERS: dict[ModelSpec, tuple[TextTokenizer, str, list]] = {}  # per worker process
+_TOKENIZERS: dict["ModelSpec", tuple["TextTokenizer", str, list]] = {}  # per worker process
 
 
 def _worker_tokenizer(model: ModelSpec) -> tuple[TextTokenizer, str, list]:
     """This process's tokenizer for `model` (loaded once), its stats key and [rows, seconds]."""
+    from raylib.model import TextTokenizer
+
     if model not in _TOKENIZERS:
         _TOKENIZERS[model] = (TextTokenizer.from_pretrained(model),
                               f"tokenize:{os.getpid()}:{uuid.uuid4().hex[:8]}", [0, 0.0])
@@ -159,6 +164,8 @@ def embed(ds: Dataset, model: str | ModelSpec, column: str, kind: str, output_co
     `also`: more (column, kind, output_column[, max_length]) for the same actors (one model).
     `tokenize_upstream`: token ids from CPU tasks (`tokenize_num_cpus` each) before the actors;
     None = upstream for GPU actors, in the actor on CPU."""
+    from raylib.model import ModelSpec
+
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if batch_size < 1:
