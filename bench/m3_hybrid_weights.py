@@ -2,8 +2,10 @@
 
   python bench/m3_hybrid_weights.py --model runs/bench_scifact/inprocess_finetune_scifact_m3/model [--dev 100]
 
-The corpus and both query sets are encoded once (dense, sparse, multi-vector); every weight triple
-of the grid is scored on the dev queries (the same held-out train queries as
+The corpus and both query sets are encoded once (dense, sparse, multi-vector) and each head's full
+score matrix computed once per query set (raylib.scoring.score_encoded); every weight triple of
+the grid (the 0.1-step simplex, at least two heads weighted) only fuses and ranks those
+(raylib.evaluation.evaluate_scores) on the dev queries (the same held-out train queries as
 bench/finetune_scifact.py --dev N, seed 0); the best by dev nDCG@10 is then scored on test. The last
 stdout line is a JSON with the dev grid, the chosen weights and the test heads.
 """
@@ -17,8 +19,9 @@ from finetune_scifact import split_dev
 from toolkit import SHARED_DATA, emit
 
 from raylib.beir import load_beir
-from raylib.evaluation import encode_all, evaluate_encoded
+from raylib.evaluation import encode_all, evaluate_encoded, evaluate_scores
 from raylib.model import Encoder
+from raylib.scoring import hybrid_scores, score_encoded
 
 MODES = ["dense", "sparse", "multivector", "hybrid"]
 
@@ -40,19 +43,24 @@ def main(argv: list[str] | None = None) -> dict:
     docs = encode(encoder, test.doc_texts(), "document")
     dids = test.doc_ids()
 
-    def score(data, q, weights):
-        qids = list(data.queries)
-        res = evaluate_encoded(q, docs, qids, dids, data.qrels, MODES, metrics=["ndcg@10"], weights=weights)
-        return {m: round(res[m]["ndcg@10"], 4) for m in MODES}
+    def heads(data, q) -> tuple[dict, dict]:
+        """Each single head's nDCG@10 (the evaluate job's path) and its full score matrix."""
+        res = evaluate_encoded(q, docs, list(data.queries), dids, data.qrels, MODES[:3], metrics=["ndcg@10"])
+        return {m: round(res[m]["ndcg@10"], 4) for m in MODES[:3]}, score_encoded(q, docs)
 
-    q_dev = encode(encoder, [dev.queries[i] for i in dev.queries], "query")
-    grid = [(d, s, round(1 - d - s, 2)) for d, s in itertools.product((0.2, 0.3, 0.4, 0.5), (0.0, 0.05, 0.1, 0.2))]
-    dev_results = {str(list(w)): score(dev, q_dev, list(w)) for w in grid}
+    def hybrid(data, full: dict, weights) -> float:
+        fused = hybrid_scores(full["dense"], full["sparse"], full["multivector"], weights)
+        return round(evaluate_scores(fused, list(data.queries), dids, data.qrels)["ndcg@10"], 4)
+
+    dev_single, dev_full = heads(dev, encode(encoder, [dev.queries[i] for i in dev.queries], "query"))
+    grid = [(d / 10, s / 10, (10 - d - s) / 10) for d, s in itertools.product(range(11), range(11))
+            if d + s <= 10 and sum(x > 0 for x in (d, s, 10 - d - s)) >= 2]
+    dev_results = {str(list(w)): {**dev_single, "hybrid": hybrid(dev, dev_full, w)} for w in grid}
     best = max(grid, key=lambda w: dev_results[str(list(w))]["hybrid"])
     for w in grid:
         print(f"dev weights {w}: {dev_results[str(list(w))]}", flush=True)
-    q_test = encode(encoder, [test.queries[i] for i in test.queries], "query")
-    test_heads = score(test, q_test, list(best))
+    test_single, test_full = heads(test, encode(encoder, [test.queries[i] for i in test.queries], "query"))
+    test_heads = {**test_single, "hybrid": hybrid(test, test_full, best)}
     print(f"chosen on dev: {best}; test {test_heads}", flush=True)
     return emit(__file__, {"model": args.model, "chosen_weights": list(best),
                            "dev_chosen": dev_results[str(list(best))], "test_heads": test_heads,

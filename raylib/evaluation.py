@@ -28,6 +28,15 @@ def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(scores, ids, 1), ids
 
 
+def evaluate_scores(scores: np.ndarray, qids: list[str], dids: list[str], qrels: dict,
+                    metrics: Sequence[str] = ("ndcg@10",), k: int = 100) -> dict[str, float]:
+    """Metrics of a full [num_queries, num_docs] score matrix (every document scored), ranked to
+    the top `k`: the step every sparse, multi-vector and hybrid result goes through, and what a
+    hybrid weight search calls once per weight triple on head scores computed once."""
+    s, i = _topk(scores, k)
+    return evaluate(qrels, _run(qids, dids, s, i), metrics)
+
+
 def encode_all(encoder: Encoder, texts: list[str], kind: str, **kwargs) -> dict:
     """`Encoder.encode`, but empty and whitespace-only texts are encoded too (the model sees only
     its prefix and special tokens), as sentence-transformers and so MTEB do: a corpus holding
@@ -109,6 +118,5 @@ def evaluate_encoded(q: dict, d: dict, qids: list[str], dids: list[str], qrels: 
                                        full.get("multivector"), weights)
     for mode in ("sparse", "multivector", "hybrid"):
         if mode in modes:
-            s, i = _topk(full[mode], k)
-            results[mode] = evaluate(qrels, _run(qids, dids, s, i), metrics)
+            results[mode] = evaluate_scores(full[mode], qids, dids, qrels, metrics, k)
     return results

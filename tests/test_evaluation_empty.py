@@ -92,3 +92,27 @@ def test_encode_all_matches_encode_and_sentence_transformers(model_dir):
     assert got["sparse"][1] == {} and got["multivector"][1].shape[0] == 1  # [SEP] only
     st = SentenceTransformer(str(model_dir), device="cpu")
     np.testing.assert_allclose(got["dense"], st.encode(texts, convert_to_numpy=True), atol=1e-5)
+
+
+def test_hybrid_weight_search_from_head_scores_equals_evaluate_encoded(model_dir, tmp_path):
+    """bench/m3_hybrid_weights.py's path (head score matrices once, then fuse and rank per weight
+    triple) gives evaluate_encoded's hybrid result for every triple, and weights matter."""
+    from raylib.evaluation import evaluate_encoded, evaluate_scores
+    from raylib.scoring import hybrid_scores, score_encoded
+
+    data = load_beir(write_beir(tmp_path / "beir"))
+    enc = Encoder.from_pretrained(model_dir, device="cpu")
+    kw = dict(dense=True, sparse=True, multivector=True)
+    qids, dids = list(data.queries), data.doc_ids()
+    q = encode_all(enc, [data.queries[i] for i in qids], "query", **kw)
+    d = encode_all(enc, data.doc_texts(), "document", **kw)
+    full = score_encoded(q, d)
+    seen = set()
+    for w in ([0.4, 0.2, 0.4], [0.1, 0.0, 0.9], [0.8, 0.1, 0.1]):
+        fused = hybrid_scores(full["dense"], full["sparse"], full["multivector"], w)
+        got = evaluate_scores(fused, qids, dids, data.qrels, ["ndcg@10", "mrr@10"], k=10)
+        want = evaluate_encoded(q, d, qids, dids, data.qrels, ["hybrid"], metrics=["ndcg@10", "mrr@10"],
+                                k=10, weights=w)["hybrid"]
+        assert got == want
+        seen.add(round(got["ndcg@10"], 6))
+    assert len(seen) > 1
