@@ -16,6 +16,10 @@ Chain (prints nDCG@10 before and after, and the timings):
 4. The final checkpoint (a model directory) encodes the corpus again: test nDCG@10 after (and, with
    --dev N, nDCG@10 on N held-out train queries: the only numbers used for tuning).
 
+Tuning without seeing test: `--dev 100 --tune --tag X` trains and scores the dev split only (its
+checkpoint under <out>/inprocess_finetune_scifact_<recipe>X); `--checkpoint DIR` scores a
+checkpoint so chosen on dev and test, without training again.
+
 The hyperparameters are fixed in advance (not tuned on test): tau = 0.05 (minilm was trained with
 scale 20), lr 2e-5, 16 groups per batch, 1 epoch, WSD without warmup decaying over the last half.
 The last stdout line is one JSON summary.
@@ -121,7 +125,7 @@ def _floats(text: str) -> list[float]:
 # §3.3, App. B.1), hybrid weights M3 §3.2 / FlagEmbedding's (dense 0.4, sparse 0.2, multi 0.4).
 COMMON = dict(negatives=3, batch=16, epochs=1, steps=0, lr=2e-5, decay=0.5, temperature=0.05,
               doc_max_length=256, in_batch=True, matryoshka_dims=[], eval_dims=[],
-              distill_weight=0.0, teacher_temperature=0.05, m3_warmup_steps=0,
+              matryoshka_weights=[], distill_weight=0.0, teacher_temperature=0.05, m3_warmup_steps=0,
               hybrid_weights=[0.4, 0.2, 0.4])
 RECIPES = {
     "base": COMMON,
@@ -237,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--doc-max-length", type=int)
     p.add_argument("--in-batch", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--matryoshka-dims", type=_ints, help="e.g. 128 or 192,128")
+    p.add_argument("--matryoshka-weights", type=_floats, help="loss weight of each Matryoshka dim (full: 1)")
     p.add_argument("--eval-dims", type=_ints, help="truncations scored after training")
     p.add_argument("--distill-weight", type=float, help="KL to the stored teacher scores (0: off)")
     p.add_argument("--teacher-temperature", type=float)
@@ -251,7 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dev", type=int, default=0,
                    help="hold out this many train queries as a dev set for tuning (never the test set)")
     p.add_argument("--mine-only", action="store_true", help="stop after the (cached) mining pass")
+    p.add_argument("--tune", action="store_true", help="score the dev split only (needs --dev)")
+    p.add_argument("--tag", default="", help="suffix of the checkpoint name (runs of a sweep side by side)")
+    p.add_argument("--checkpoint", help="score this checkpoint (dev and test) instead of training")
     args = p.parse_args(argv)
+    if args.tune and not args.dev:
+        p.error("--tune scores the dev split: give --dev N")
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -271,33 +281,37 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = finetune_config(args, prep["mined_path"], out)
     t = time.time()
-    summary = finetune(cfg, args.trainer, out)
+    summary = ({"checkpoint": args.checkpoint, "plan": {"total_steps": None}, "metrics": {}}
+               if args.checkpoint else finetune(cfg, args.trainer, out))
     timings["finetune_s"] = round(time.time() - t, 1)
     t = time.time()
     tuned = Encoder.from_pretrained(summary["checkpoint"], device="cpu")
     result = {"recipe": args.recipe, "before_ndcg@10": round(before, 4)}
-    if args.recipe == "m3":
-        heads, dev_heads = eval_heads(tuned, test, args.hybrid_weights), None
-        if args.dev:
-            dev_heads = eval_heads(tuned, dev, args.hybrid_weights)
-        after, dev_after = heads["dense"], dev_heads["dense"] if dev_heads else None
-        result["after_heads"] = heads
-        result["dev_after_heads"] = dev_heads
-        result["hybrid_weights"] = args.hybrid_weights
-    else:
+    splits = {"dev": dev} if args.tune else {"test": test, **({"dev": dev} if args.dev else {})}
+    after, doc_emb = {}, None
+    if args.recipe != "m3":  # SciFact's train (so dev) and test queries share one corpus: encode it once
         doc_emb = tuned.encode_dense(test.doc_texts(), kind="document", batch_size=64)
-        after = dense_ndcg(tuned, test, doc_emb)
-        dev_after = dense_ndcg(tuned, dev, doc_emb) if args.dev else None
+    for split, data in splits.items():
+        prefix = "" if split == "test" else "dev_"
+        if args.recipe == "m3":
+            heads = eval_heads(tuned, data, args.hybrid_weights)
+            after[split] = heads["dense"]
+            result[f"{prefix}after_heads"] = heads
+            result["hybrid_weights"] = args.hybrid_weights
+            continue
+        after[split] = dense_ndcg(tuned, data, doc_emb)
         for dim in args.eval_dims:
-            result[f"after_ndcg@10_dim{dim}"] = round(dense_ndcg(tuned, test, doc_emb, dim), 4)
-            if args.dev:
-                result[f"dev_after_ndcg@10_dim{dim}"] = round(dense_ndcg(tuned, dev, doc_emb, dim), 4)
+            result[f"{prefix}after_ndcg@10_dim{dim}"] = round(dense_ndcg(tuned, data, doc_emb, dim), 4)
     timings["eval_after_s"] = round(time.time() - t, 1)
-    print(f"after:  finetuned minilm ({args.recipe}) SciFact test nDCG@10 = {after:.4f} "
-          f"({after - before:+.4f}, {after / before - 1:+.1%})"
-          + (f"  (train-dev {dev_after:.4f})" if args.dev else ""), flush=True)
-    result.update({"after_ndcg@10": round(after, 4), "gain": round(after - before, 4),
-                   "dev_before_ndcg@10": dev_before, "dev_after_ndcg@10": dev_after, "mined": mined,
+    if "test" in after:
+        print(f"after:  finetuned minilm ({args.recipe}) SciFact test nDCG@10 = {after['test']:.4f} "
+              f"({after['test'] - before:+.4f}, {after['test'] / before - 1:+.1%})", flush=True)
+    if "dev" in after:
+        print(f"after:  train-dev nDCG@10 = {after['dev']:.4f} (before {dev_before:.4f})", flush=True)
+    dev_after = after.get("dev")
+    if "test" in after:
+        result.update({"after_ndcg@10": round(after["test"], 4), "gain": round(after["test"] - before, 4)})
+    result.update({"dev_before_ndcg@10": dev_before, "dev_after_ndcg@10": dev_after, "mined": mined,
                    "steps": summary["plan"]["total_steps"], "final_train_metrics": summary["metrics"],
                    "checkpoint": str(summary["checkpoint"]), "args": vars(args), "timings": timings,
                    "seconds": round(time.time() - start, 1)})
@@ -332,10 +346,12 @@ def finetune_config(args, mined_path: Path, out: Path):
         f"objective.temperature={args.temperature}", "objective.query_max_length=64",
         f"objective.document_max_length={args.doc_max_length}",
         f"objective.negatives={'in_batch' if args.in_batch else 'hard'}",
-        f"objective.matryoshka_dims={dims}", f"objective.distill_weight={args.distill_weight}",
+        f"objective.matryoshka_dims={dims}",
+        "objective.matryoshka_weights=[" + ",".join(str(w) for w in args.matryoshka_weights) + "]",
+        f"objective.distill_weight={args.distill_weight}",
         f"objective.teacher_temperature={args.teacher_temperature}",
         f"objective.m3.warmup_steps={args.m3_warmup_steps}",
-        f"checkpoint.storage_path={out / 'runs'}", f"checkpoint.name=finetune_scifact_{args.recipe}",
+        f"checkpoint.storage_path={out / 'runs'}", f"checkpoint.name=finetune_scifact_{args.recipe}{args.tag}",
         "checkpoint.every_steps=100000", "checkpoint.num_to_keep=1",
         "scaling.num_workers=1", f"scaling.cpus_per_worker={args.cpus}",
     ]
