@@ -41,16 +41,18 @@ def server(ray_session, tiny_dir, tmp_path_factory):
     plain_dir = save_tiny_encoder(tmp_path_factory.mktemp("tiny_plain") / "model", m3_heads=False)
     port = free_port()
     start_serve(port=port, drain_s=1)  # the shipped fast ingress (HAProxy + direct ingress)
-    for backend, prefix in BACKENDS.items():
-        serve.run(app({"model": str(tiny_dir), "served_model_name": "tiny", "num_cpus": 0.25,
-                       "max_batch_size": 8, "batch_wait_timeout_s": 0.02, "api_key": API_KEY,
-                       "max_inputs_per_request": 16, "max_chars_per_input": 400,
-                       "backend": backend, "colocate": backend == "torch"}),
-                  name=f"embed-{backend}", route_prefix=prefix or "/")
-    serve.run(app({"model": str(plain_dir), "served_model_name": "plain", "num_cpus": 0.25,
-                   "max_batch_size": 2, "batch_wait_timeout_s": 0.5, "max_ongoing_requests": 2,
-                   "max_queued_requests": 2, "retry_after_s": 2, "backend": "onnx", "colocate": False}),
-              name="tight", route_prefix="/tight")
+    targets = [serve.RunTarget(app({"model": str(tiny_dir), "served_model_name": "tiny", "num_cpus": 0.25,
+                                    "max_batch_size": 8, "batch_wait_timeout_s": 0.02, "api_key": API_KEY,
+                                    "max_inputs_per_request": 16, "max_chars_per_input": 400,
+                                    "backend": backend, "colocate": backend == "torch"}),
+                               name=f"embed-{backend}", route_prefix=prefix or "/")
+               for backend, prefix in BACKENDS.items()]
+    targets.append(serve.RunTarget(
+        app({"model": str(plain_dir), "served_model_name": "plain", "num_cpus": 0.25,
+             "max_batch_size": 2, "batch_wait_timeout_s": 0.5, "max_ongoing_requests": 2,
+             "max_queued_requests": 2, "retry_after_s": 2, "backend": "onnx", "colocate": False}),
+        name="tight", route_prefix="/tight"))
+    serve.run_many(targets)  # the apps' replicas start side by side, not one app after another
     yield {"base": f"http://127.0.0.1:{port}", "plain_dir": plain_dir}
     for backend in BACKENDS:
         serve.delete(f"embed-{backend}")
