@@ -314,12 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
     if "test" in after:
         print(f"after:  finetuned minilm ({args.recipe}) SciFact test nDCG@10 = {after['test']:.4f} "
               f"({after['test'] - before:+.4f}, {after['test'] / before - 1:+.1%})", flush=True)
+        result.update({"after_ndcg@10": round(after["test"], 4), "gain": round(after["test"] - before, 4)})
     if "dev" in after:
         print(f"after:  train-dev nDCG@10 = {after['dev']:.4f} (before {dev_before:.4f})", flush=True)
-    dev_after = after.get("dev")
-    if "test" in after:
-        result.update({"after_ndcg@10": round(after["test"], 4), "gain": round(after["test"] - before, 4)})
-    result.update({"dev_before_ndcg@10": dev_before, "dev_after_ndcg@10": dev_after, "mined": mined,
+    result.update({"dev_before_ndcg@10": dev_before, "dev_after_ndcg@10": after.get("dev"), "mined": mined,
                    "steps": summary["plan"]["total_steps"], "final_train_metrics": summary["metrics"],
                    "checkpoint": str(summary["checkpoint"]), "args": vars(args), "timings": timings,
                    "seconds": round(time.time() - start, 1)})

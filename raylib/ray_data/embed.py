@@ -21,9 +21,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Any, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
