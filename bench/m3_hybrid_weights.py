@@ -44,9 +44,12 @@ def main(argv: list[str] | None = None) -> dict:
     dids = test.doc_ids()
 
     def heads(data, q) -> tuple[dict, dict]:
-        """Each single head's nDCG@10 (the evaluate job's path) and its full score matrix."""
-        res = evaluate_encoded(q, docs, list(data.queries), dids, data.qrels, MODES[:3], metrics=["ndcg@10"])
-        return {m: round(res[m]["ndcg@10"], 4) for m in MODES[:3]}, score_encoded(q, docs)
+        """Each single head's nDCG@10 (dense: the evaluate job's exact search; sparse and
+        multi-vector: the evaluate job's ranking of the full score matrix) and the matrices."""
+        full, qids = score_encoded(q, docs), list(data.queries)
+        res = {"dense": evaluate_encoded(q, docs, qids, dids, data.qrels, ["dense"], metrics=["ndcg@10"])["dense"],
+               **{m: evaluate_scores(full[m], qids, dids, data.qrels) for m in ("sparse", "multivector")}}
+        return {m: round(res[m]["ndcg@10"], 4) for m in MODES[:3]}, full
 
     def hybrid(data, full: dict, weights) -> float:
         fused = hybrid_scores(full["dense"], full["sparse"], full["multivector"], weights)
